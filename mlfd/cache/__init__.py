@@ -1,0 +1,3 @@
+from .store import CacheGroup, describe_difference, digest
+
+__all__ = ["CacheGroup", "describe_difference", "digest"]

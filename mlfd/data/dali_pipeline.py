@@ -1,0 +1,364 @@
+"""NVIDIA DALI backend: the same (index, view) pairs and pixels as ``TorchPipeline``.
+
+Importing this module registers ``PIPELINES["dali"]``; it raises ImportError when
+``nvidia.dali`` cannot be imported, which is how ``dali_available()`` decides.
+
+Graph (one DALI pipeline per instance, rebuilt only when an epoch is abandoned):
+
+* Inputs come from Python through ``fn.external_source`` in batch mode, pulled by
+  iteration number, so the pipeline follows ``order`` exactly (``readers.file`` would
+  draw its own order). Arrays: the uint8 HWC samples of the batch (on CUDA straight
+  from a device-resident copy of the split when it fits in a quarter of free memory).
+  Files: each file's encoded bytes, decoded by ``fn.decoders.image`` (``"mixed"`` on
+  CUDA, ``"cpu"`` otherwise) to RGB with ``adjust_orientation=False`` (PIL does not
+  apply EXIF rotation either) and ``jpeg_fancy_upsampling=True`` (libjpeg's chroma
+  upsampling, as PIL uses). A grayscale file decoded to RGB is the replication that
+  ``match_channels`` does.
+* Geometry is computed in Python by ``views.view_params`` (the single definition of a
+  view); file sizes come from the image headers. The crop box feeds ``fn.resize`` as
+  absolute ``roi_start``/``roi_end`` argument inputs with ``antialias=False`` and
+  linear interpolation: DALI then samples source coordinate
+  ``roi_start + (i + 0.5) * roi_extent / out - 0.5`` with edge clamping, which is
+  exactly ``grid_sample(bilinear, border, align_corners=False)`` in ``render``.
+  A flip is a reversed x-range of the ROI (DALI flips when start > end), which maps
+  output pixel i to the source coordinate of pixel ``W_out - 1 - i``, as the torch
+  flip does. ``dtype=FLOAT`` keeps the resampled values unrounded.
+* Channel matching (after resampling, where it commutes): ``fn.coord_transform``
+  multiplies the channel vector by a matrix (ones for grayscale to C channels, the
+  ITU-R 601 luma row for RGB to grayscale).
+* ``fn.crop_mirror_normalize`` normalises with the same per-channel statistics as
+  ``render`` (scaled by 255 since pixels stay in 0..255) and lays out CHW, or HWC when
+  the spec wants channels-last, whose NCHW permutation is channels-last memory.
+
+A pass yields ``ceil(M / batch_size)`` batches: the external source simply supplies
+fewer samples on the last iteration. CPU pipelines use ``device_id=None``.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+try:
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+except Exception as e:  # a broken install must look like a missing one to the seam
+    raise ImportError(f"nvidia-dali is not importable: {e.__class__.__name__}: {e}") from e
+
+from ..errors import MlfdError
+from .pipeline import PIPELINES, Batch, InputSpec, _resident, _stats
+from .views import ViewConfig, view_params
+
+_PREFETCH = 2
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _channel_matrix(cin: int, cout: int) -> list[float] | None:
+    """Row-major (cout x cin) matrix for coord_transform, or None when no mapping is needed."""
+    if cin == cout:
+        return None
+    if cin == 1:
+        return [1.0] * cout
+    if cin == 3 and cout == 1:
+        return list(_LUMA)
+    raise MlfdError(f"cannot map {cin}-channel images to a {cout}-channel model")
+
+
+def _png_size(buf: bytes) -> tuple[int, int] | None:
+    if buf[:8] != b"\x89PNG\r\n\x1a\n" or buf[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(buf[20:24], "big"), int.from_bytes(buf[16:20], "big")
+
+
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic); not DHT/JPG/DAC.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(buf: bytes) -> tuple[int, int] | None:
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(buf)
+    while i + 4 <= n:
+        if buf[i] != 0xFF:
+            return None
+        m = buf[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length field
+            i += 2
+            continue
+        if m in _SOF:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(buf[i + 5:i + 7], "big"), int.from_bytes(buf[i + 7:i + 9], "big")
+        i += 2 + int.from_bytes(buf[i + 2:i + 4], "big")
+    return None
+
+
+def image_size(path: str, buf: bytes) -> tuple[int, int]:
+    """(height, width) from the header: a byte scan for JPEG/PNG, PIL's header parse otherwise."""
+    hw = _png_size(buf) or _jpeg_size(buf)
+    if hw is not None and hw[0] > 0 and hw[1] > 0:
+        return hw
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(buf)) as im:
+            return im.height, im.width
+    except UnidentifiedImageError:
+        raise MlfdError(f"cannot decode image {path}: not a recognised image format") from None
+    except (OSError, ValueError) as e:
+        raise MlfdError(f"cannot decode image {path}: {e.__class__.__name__}: {e}") from None
+
+
+def _find_undecodable(paths) -> tuple[str, str] | None:
+    """The first file PIL cannot fully decode, with the reason (used after a DALI failure)."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as e:  # any failure makes this file the culprit
+            return path, f"{e.__class__.__name__}: {e}"
+    return None
+
+
+def _dali_reason(err: Exception) -> str:
+    """The informative line of a DALI pipeline error (it leads with generic boilerplate)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("encountered:") and i + 1 < len(lines):
+            return lines[i + 1]
+    return lines[-1] if lines else err.__class__.__name__
+
+
+def _gpu_resident_fits(images: np.ndarray, device: torch.device) -> bool:
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except RuntimeError:
+        return False
+    return images.nbytes <= free // 4
+
+
+class DaliPipeline:
+    """DALI backend: external-source inputs, DALI decode/resample/normalise, torch output."""
+
+    name = "dali"
+
+    def __init__(self, split, spec: InputSpec, order: np.ndarray, batch_size: int, *,
+                 seed: int = 0, view_cfg: ViewConfig | None = None,
+                 device: torch.device | str = "cpu", num_workers: int | None = None):
+        if batch_size < 1:
+            raise MlfdError(f"batch size must be >= 1, got {batch_size}")
+        self.split, self.spec = split, spec
+        self.order = np.asarray(order, dtype=np.int64).reshape(-1, 2)
+        self.batch_size, self.seed = batch_size, seed
+        self.view_cfg = view_cfg or ViewConfig()
+        self.device = torch.device(device)
+        self.labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
+        self.gpu = self.device.type == "cuda"
+        if self.gpu:
+            # DALI fails obscurely without a driver; say so plainly instead.
+            if not torch.cuda.is_available():
+                raise MlfdError("the DALI pipeline was asked for CUDA but no CUDA device is available")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type != "cpu":
+            raise MlfdError(f"the DALI pipeline runs on cpu or cuda, not {self.device.type}")
+        if num_workers is None or num_workers < 1:
+            num_workers = min(4, os.cpu_count() or 1)
+        self.num_threads = num_workers
+        if split.images is not None:
+            self.images = np.asarray(split.images)
+            if self.images.ndim != 4 or self.images.dtype != np.uint8:
+                raise MlfdError(f"in-memory images must be uint8 (N, H, W, C), got "
+                                f"{self.images.dtype} {self.images.shape}")
+            self.files = None
+            cin = self.images.shape[3]
+        elif split.files is not None:
+            self.images, self.files = None, list(split.files)
+            cin = 3  # files are decoded to RGB (grayscale replicated, as match_channels does)
+        else:
+            raise MlfdError("the split has neither in-memory images nor image files")
+        self._matrix = _channel_matrix(cin, spec.channels)
+        self._resident = None
+        if self.images is not None and self.gpu and _gpu_resident_fits(self.images, self.device):
+            self._resident = _resident(self.images, self.device)
+        self._pipe = None
+        self._pending: dict[int, list] = {}
+
+    def __len__(self) -> int:
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    # ---- inputs, pulled by DALI per iteration -------------------------------------------
+
+    def _pairs(self, k: int) -> np.ndarray:
+        if k >= len(self):
+            raise StopIteration
+        return self.order[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def _inputs(self, k: int, part: int):
+        """Part 0: the batch's images (or encoded files); part 1: its (roi_start, roi_end)."""
+        entry = self._pending.get(k)
+        if entry is None:
+            entry = self._pending[k] = [*self._make_inputs(k), 2]
+        out = entry[part]
+        entry[2] -= 1
+        if entry[2] == 0:  # both external sources have taken their share
+            del self._pending[k]
+        return out
+
+    def _make_inputs(self, k: int):
+        pairs = self._pairs(k)
+        idx, view = pairs[:, 0], pairs[:, 1]
+        if self.files is not None:
+            data, hw = [], []
+            for i in idx:
+                path = self.files[i]
+                try:
+                    with open(path, "rb") as fh:
+                        buf = fh.read()
+                except OSError as e:
+                    raise MlfdError(f"cannot read image {path}: {e.strerror or e}") from None
+                hw.append(image_size(path, buf))
+                data.append(np.frombuffer(buf, dtype=np.uint8))
+            H, W = np.array(hw, dtype=np.int64).T
+        else:
+            H, W = self.images.shape[1:3]
+            if self._resident is not None:
+                sel = torch.from_numpy(idx).to(self.device)
+                data = self._resident.index_select(0, sel)
+            else:
+                data = np.ascontiguousarray(self.images[idx])
+        p = view_params(self.seed, idx, view, H, W, self.view_cfg)
+        x_start = np.where(p.flip, p.x0 + p.w, p.x0)  # reversed x-range = horizontal flip
+        x_end = np.where(p.flip, p.x0, p.x0 + p.w)
+        start = np.stack([p.y0, x_start], 1).astype(np.float32)
+        end = np.stack([p.y0 + p.h, x_end], 1).astype(np.float32)
+        return data, (start, end)
+
+    def _source(self, part: int):
+        """A pull callback for one external source; a weak reference avoids a cycle through
+        the DALI pipeline, so a dropped DaliPipeline frees its threads and buffers promptly."""
+        ref = weakref.ref(self)
+
+        def source(k):
+            me = ref()
+            if me is None:
+                raise StopIteration
+            return me._inputs(k, part)
+
+        return source
+
+    # ---- graph ---------------------------------------------------------------------------
+
+    def _build(self) -> Pipeline:
+        spec = self.spec
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
+                        device_id=self.device.index if self.gpu else None,
+                        prefetch_queue_depth=_PREFETCH, seed=self.seed & 0x7FFFFFFF)
+        with pipe:
+            start, end = fn.external_source(
+                source=self._source(1), num_outputs=2, batch=True,
+                dtype=[types.FLOAT, types.FLOAT], ndim=[1, 1])
+            if self.files is not None:
+                enc = fn.external_source(source=self._source(0), batch=True,
+                                         dtype=types.UINT8, ndim=1)
+                img = fn.decoders.image(enc, device="mixed" if self.gpu else "cpu",
+                                        output_type=types.RGB, adjust_orientation=False,
+                                        jpeg_fancy_upsampling=True)
+            else:
+                img = fn.external_source(
+                    source=self._source(0), batch=True,
+                    device="gpu" if self._resident is not None else "cpu",
+                    dtype=types.UINT8, ndim=3, layout="HWC")
+                if self.gpu and self._resident is None:
+                    img = img.gpu()
+            x = fn.resize(img, size=[float(s) for s in spec.size], roi_start=start, roi_end=end,
+                          roi_relative=False, antialias=False, interp_type=types.INTERP_LINEAR,
+                          dtype=types.FLOAT)
+            if self._matrix is not None:
+                x = fn.coord_transform(x, M=self._matrix, dtype=types.FLOAT)
+            mean, std = _stats(spec, spec.channels, "cpu")
+            x = fn.crop_mirror_normalize(
+                x, mean=[255.0 * v for v in mean.flatten().tolist()],
+                std=[255.0 * v for v in std.flatten().tolist()],
+                output_layout="HWC" if spec.channels_last else "CHW", dtype=types.FLOAT)
+            pipe.set_outputs(x)
+        pipe.build()
+        return pipe
+
+    # ---- iteration -----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        if len(self.order) == 0:
+            return
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe, done = self._pipe, False
+        self._pending.clear()
+        try:
+            for k in range(len(self)):
+                yield self._batch(k, self._run(pipe, k))
+            try:  # reach the end of data so that reset() starts the next pass at 0
+                self._run(pipe, len(self))
+                raise MlfdError("internal error: DALI produced more batches than planned")
+            except StopIteration:
+                pass
+            pipe.reset()
+            done = True
+        finally:
+            if not done:  # abandoned or failed mid-pass: prefetched state is stale
+                self._pipe = None
+                self._pending.clear()
+
+    def _run(self, pipe: Pipeline, k: int):
+        try:
+            (out,) = pipe.run()
+        except StopIteration:
+            raise
+        except MlfdError:
+            raise
+        except RuntimeError as e:
+            raise self._explain(e, k) from None
+        return out
+
+    def _explain(self, err: RuntimeError, k: int) -> Exception:
+        """Name the file behind a DALI failure (decode errors surface for a prefetched batch)."""
+        if self.files is None:
+            return err
+        stop = min(len(self.order), (k + _PREFETCH + 1) * self.batch_size)
+        batch_files = [self.files[i] for i in self.order[k * self.batch_size:stop, 0]]
+        found = _find_undecodable(batch_files)
+        reason = _dali_reason(err)
+        if found is not None:
+            path, why = found
+            return MlfdError(f"cannot decode image {path}: {why} (DALI: {reason})")
+        return MlfdError(f"DALI failed on the batch starting at {batch_files[0]}: {reason}")
+
+    def _batch(self, k: int, out) -> Batch:
+        if self.gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = out.as_tensor()
+            x = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            x = torch.from_numpy(out.as_array())
+        if self.spec.channels_last:  # DALI wrote NHWC: the NCHW view is channels-last memory
+            x = x.permute(0, 3, 1, 2)
+        pairs = self.order[k * self.batch_size:(k + 1) * self.batch_size]
+        idx = pairs[:, 0]
+        return Batch(x, self.labels[idx].to(self.device), torch.from_numpy(idx.copy()),
+                     torch.from_numpy(pairs[:, 1].copy()))
+
+
+PIPELINES["dali"] = DaliPipeline

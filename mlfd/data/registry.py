@@ -1,0 +1,626 @@
+"""One registry of datasets: embedded demo subsets, full sets under a data root, custom paths.
+
+``get_dataset(name_or_path)`` returns a :class:`Dataset` (metadata + lazy, memoised
+``load(split)``); every "not there / not readable" case raises
+:class:`~mlfd.errors.DatasetNotFound` with a one-line message naming the path it looked at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlfd.data import download as dl
+from mlfd.data import formats
+from mlfd.errors import DatasetNotFound, MlfdError
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+MANIFEST_NAME = "MANIFEST.json"
+
+MNIST_CLASSES = [str(d) for d in range(10)]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+# Label order checked against the images: rows are sorted by label, 0 = bear ... 9 = zebra.
+ANIMAL_CLASSES = [
+    "bear",
+    "bird",
+    "cat",
+    "cow",
+    "dog",
+    "elephant",
+    "giraffe",
+    "horse",
+    "sheep",
+    "zebra",
+]
+
+MNIST_LICENSE = "CC BY-SA 3.0 (LeCun, Cortes, Burges)"
+FASHION_LICENSE = "MIT (Zalando SE)"
+ANIMAL_LICENSE = "MIT (Sina Mohammadi)"
+CIFAR_LICENSE = "no explicit license; cite Krizhevsky 2009 (Learning Multiple Layers of Features)"
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Grayscale folders: the average of the ImageNet channel statistics.
+IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD = (0.449,), (0.226,)
+
+ANIMAL_TEST_FRACTION, ANIMAL_SEED = 0.2, 0
+
+_HOW_TO = "pass --data-root or set MLFD_DATA"
+
+
+# ----------------------------------------------------------------------------- data classes
+
+
+@dataclass
+class Split:
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    files: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, np.int64)
+        if (self.images is None) == (self.files is None):
+            raise MlfdError("a Split holds either in-memory images or image files, not both")
+        n = len(self.images) if self.images is not None else len(self.files)
+        if n != len(self.labels):
+            raise MlfdError(f"split has {n} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    license: str
+    # How to read one split, which splits exist, how to identify the data (all lazy).
+    loader: Callable[[str], Split] | None = field(default=None, repr=False, compare=False)
+    split_names: list[str] = field(default_factory=lambda: ["train", "test"], repr=False)
+    fingerprinter: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    _loaded: dict[str, Split] = field(default_factory=dict, repr=False, compare=False)
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(int(s) for s in self.image_size)
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def splits(self) -> list[str]:
+        return list(self.split_names)
+
+    def load(self, split: str) -> Split:
+        if split not in self.split_names:
+            raise MlfdError(
+                f"dataset {self.name!r} has no split {split!r} "
+                f"(available: {', '.join(self.split_names)})"
+            )
+        if split not in self._loaded:
+            if self.loader is None:
+                raise MlfdError(f"dataset {self.name!r} has no loader")
+            self._loaded[split] = self.loader(split)
+        return self._loaded[split]
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            if self.fingerprinter is not None:
+                self._fingerprint = self.fingerprinter()
+            else:
+                self._fingerprint = _splits_fingerprint(self)
+        return self._fingerprint
+
+
+def _splits_fingerprint(ds: Dataset) -> str:
+    """Content digest over every split: arrays' bytes, or file bytes for file-backed splits."""
+    digest = hashlib.sha256(f"classes={ds.classes}".encode())
+    for name in ds.splits():
+        split = ds.load(name)
+        digest.update(f"|{name}|".encode())
+        digest.update(np.ascontiguousarray(split.labels).tobytes())
+        if split.images is not None:
+            digest.update(formats.arrays_sha256({"x": split.images}).encode())
+        else:
+            for f in split.files:
+                digest.update(formats.file_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def _files_fingerprint(recipe: str, files: list[Path]) -> Callable[[], str]:
+    """Digest over the source files' sha256 plus how they are turned into splits."""
+
+    def compute() -> str:
+        digest = hashlib.sha256(recipe.encode())
+        for f in files:
+            digest.update(f"|{formats.file_sha256(f)}".encode())
+        return digest.hexdigest()
+
+    return compute
+
+
+def _once(load_all: Callable[[], dict[str, Split]]) -> Callable[[str], Split]:
+    """Adapt a reader that produces every split at once to a per-split loader."""
+    cache: dict[str, dict[str, Split]] = {}
+
+    def loader(split: str) -> Split:
+        if "all" not in cache:
+            cache["all"] = load_all()
+        return cache["all"][split]
+
+    return loader
+
+
+def _in_memory(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Split]:
+    return {k: Split(labels=y, images=x) for k, (x, y) in arrays.items()}
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of uint8 NHWC images scaled to [0, 1] (exact integer sums)."""
+    channels = images.shape[-1]
+    total = np.zeros(channels, np.float64)
+    total_sq = np.zeros(channels, np.float64)
+    for start in range(0, len(images), 4096):  # chunks keep the squared copy small
+        chunk = images[start : start + 4096].reshape(-1, channels).astype(np.int64)
+        total += chunk.sum(0)
+        total_sq += (chunk * chunk).sum(0)
+    n = images.size // channels
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
+    return (
+        tuple(round(float(m) / 255.0, 6) for m in mean),
+        tuple(round(float(s) / 255.0, 6) for s in std),
+    )
+
+
+# ----------------------------------------------------------------------------- registry
+
+DatasetFactory = Callable[[Path, bool], Dataset]
+_REGISTRY: dict[str, DatasetFactory] = {}
+
+
+def register_dataset(name: str, factory: DatasetFactory | None = None):
+    """Register ``factory(data_root, download) -> Dataset``; usable as a decorator."""
+
+    def add(fn: DatasetFactory) -> DatasetFactory:
+        _REGISTRY[name] = fn
+        return fn
+
+    return add(factory) if factory is not None else add
+
+
+def list_datasets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def default_data_root() -> Path:
+    env = os.environ.get("MLFD_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "mlfd" / "data"
+
+
+def get_dataset(
+    name_or_path: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    download: bool = True,
+) -> Dataset:
+    key = os.fspath(name_or_path)
+    if key in _REGISTRY:
+        root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+        return _REGISTRY[key](root, download)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        return image_folder_dataset(path)
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return npz_dataset(path)
+        raise DatasetNotFound(
+            f"dataset {key!r}: unsupported file type (expected an .npz or an ImageFolder directory)"
+        )
+    raise DatasetNotFound(
+        f"dataset {key!r} not found: not a registered name ({', '.join(list_datasets())}) "
+        "nor an existing ImageFolder directory or .npz file"
+    )
+
+
+# ----------------------------------------------------------------------------- embedded
+
+
+def read_manifest() -> dict:
+    path = EMBEDDED_DIR / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetNotFound(
+            f"embedded manifest missing: {path}; reinstall mlfd or run scripts/build_demo_data.py"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise DatasetNotFound(f"embedded manifest {path} is not valid JSON: {exc}") from None
+
+
+def _embedded_factory(name: str) -> DatasetFactory:
+    def factory(_root: Path, _download: bool) -> Dataset:
+        entries = read_manifest().get("datasets", {})
+        if name not in entries:
+            raise DatasetNotFound(f"embedded dataset {name!r} missing from {EMBEDDED_DIR}")
+        entry = entries[name]
+        path = EMBEDDED_DIR / entry["file"]
+        if not path.is_file():
+            raise DatasetNotFound(
+                f"embedded dataset {name!r} not found: looked for {path}; reinstall mlfd "
+                "or run scripts/build_demo_data.py"
+            )
+
+        def load_all() -> dict[str, Split]:
+            actual = formats.file_sha256(path)
+            if actual != entry["sha256"]:
+                raise DatasetNotFound(
+                    f"embedded dataset file {path} is corrupt: sha256 {actual} != manifest "
+                    f"{entry['sha256']}; reinstall mlfd or rebuild with scripts/build_demo_data.py"
+                )
+            return _in_memory(formats.read_npz_splits(path)[0])
+
+        return Dataset(
+            name=name,
+            classes=list(entry["classes"]),
+            channels=int(entry["channels"]),
+            image_size=tuple(entry["image_size"]),
+            mean=tuple(entry["mean"]),
+            std=tuple(entry["std"]),
+            source=f"{path} (subset of {entry['provenance']})",
+            license=entry["license"],
+            loader=_once(load_all),
+            split_names=["train", "test"],
+            fingerprinter=lambda: entry["sha256"],
+        )
+
+    return factory
+
+
+for _name in ("mnist-mini", "fashion-mnist-mini", "animal-mnist-mini"):
+    register_dataset(_name, _embedded_factory(_name))
+
+
+# ----------------------------------------------------------------------------- MNIST-like IDX
+
+_IDX_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# torchvision's resource lists (official files and their md5s).
+MNIST_MIRRORS = [
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+]
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+FASHION_MIRRORS = [
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+]
+FASHION_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+
+
+def _find_idx_files(folder: Path) -> dict[str, tuple[Path, Path]] | None:
+    found = {}
+    for split, (images, labels) in _IDX_STEMS.items():
+        pair = formats.find_idx_file(folder, images), formats.find_idx_file(folder, labels)
+        if None in pair:
+            return None
+        found[split] = pair
+    return found
+
+
+def _download_idx(folder: Path, mirrors: list[str], md5s: dict[str, str]) -> None:
+    for filename, md5 in md5s.items():
+        dl.download_first([m + filename for m in mirrors], folder / filename, md5=md5)
+
+
+def _idx_dataset(name: str, folder: Path, files: dict, meta: dict) -> Dataset:
+    def load(split: str) -> Split:
+        images, labels = formats.read_idx_pair(*files[split])
+        return Split(labels=labels, images=images)
+
+    sources = [p for pair in files.values() for p in pair]
+    return Dataset(
+        name=name,
+        channels=1,
+        image_size=(28, 28),
+        source=str(folder),
+        loader=load,
+        split_names=["train", "test"],
+        fingerprinter=_files_fingerprint(f"{name}:idx", sources),
+        **meta,
+    )
+
+
+def _not_found(name: str, looked: Path | str, what: str, download_hint: bool) -> DatasetNotFound:
+    tail = ", or let mlfd download it" if download_hint else ""
+    return DatasetNotFound(
+        f"dataset {name!r} not found: looked in {looked} for {what}; {_HOW_TO}{tail}"
+    )
+
+
+_MNIST_META = {
+    "classes": MNIST_CLASSES,
+    "mean": (0.1307,),
+    "std": (0.3081,),
+    "license": MNIST_LICENSE,
+}
+
+
+@register_dataset("mnist")
+def _mnist(root: Path, download: bool) -> Dataset:
+    folder = root / "mnist"
+    for pickled in (folder / "mnist.pkl.gz", folder / "mnist.pkl"):
+        if pickled.is_file():
+            return Dataset(
+                name="mnist",
+                channels=1,
+                image_size=(28, 28),
+                source=str(pickled),
+                loader=_once(lambda p=pickled: _in_memory(formats.read_mnist_pickle(p))),
+                split_names=["train", "val", "test"],
+                fingerprinter=_files_fingerprint("mnist:pickle", [pickled]),
+                **_MNIST_META,
+            )
+    files = _find_idx_files(folder)
+    if files is None and download:
+        _download_idx(folder, MNIST_MIRRORS, MNIST_MD5)
+        files = _find_idx_files(folder)
+    if files is None:
+        raise _not_found(
+            "mnist", folder, "mnist.pkl.gz or train/t10k-{images-idx3,labels-idx1}-ubyte[.gz]", True
+        )
+    return _idx_dataset("mnist", folder, files, _MNIST_META)
+
+
+@register_dataset("fashion-mnist")
+def _fashion(root: Path, download: bool) -> Dataset:
+    folder = root / "fashion-mnist"
+    files = _find_idx_files(folder)
+    if files is None and download:
+        _download_idx(folder, FASHION_MIRRORS, FASHION_MD5)
+        files = _find_idx_files(folder)
+    if files is None:
+        raise _not_found(
+            "fashion-mnist", folder, "train/t10k-{images-idx3,labels-idx1}-ubyte[.gz]", True
+        )
+    meta = {
+        "classes": FASHION_CLASSES,
+        "mean": (0.2860,),
+        "std": (0.3530,),
+        "license": FASHION_LICENSE,
+    }
+    return _idx_dataset("fashion-mnist", folder, files, meta)
+
+
+# ----------------------------------------------------------------------------- Animal-MNIST
+
+ANIMAL_FILES = ("animal_data_version_3.gz", "animal_label_version_3.gz")
+
+
+@register_dataset("animal-mnist")
+def _animal(root: Path, _download: bool) -> Dataset:
+    folder = root / "animal-mnist"
+    paths = [folder / f for f in ANIMAL_FILES]
+    if not all(p.is_file() for p in paths):
+        # No checksummed canonical URL: the files ship inside the animal-mnist 0.4 wheel.
+        raise DatasetNotFound(
+            f"dataset 'animal-mnist' not found: looked in {folder} for {' and '.join(ANIMAL_FILES)} "
+            f"(from the animal-mnist 0.4 wheel on PyPI, animal_mnist/data/Animal_MNIST/); {_HOW_TO}"
+        )
+    images, labels = formats.read_animal_pickles(*paths)
+    splits = _in_memory(formats.dedupe_and_split(images, labels, ANIMAL_TEST_FRACTION, ANIMAL_SEED))
+    mean, std = channel_stats(splits["train"].images)
+    recipe = f"animal-mnist:dedupe+stratified(test={ANIMAL_TEST_FRACTION},seed={ANIMAL_SEED})"
+    return Dataset(
+        name="animal-mnist",
+        classes=ANIMAL_CLASSES,
+        channels=1,
+        image_size=images.shape[1:3],
+        mean=mean,
+        std=std,
+        source=str(folder),
+        license=ANIMAL_LICENSE,
+        loader=splits.__getitem__,
+        split_names=["train", "test"],
+        fingerprinter=_files_fingerprint(recipe, paths),
+    )
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+_CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": ("batches.meta", b"label_names"),
+        "label_key": b"labels",
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": ("meta", b"fine_label_names"),
+        "label_key": b"fine_labels",
+        "mean": (0.5071, 0.4865, 0.4409),
+        "std": (0.2673, 0.2564, 0.2762),
+    },
+}
+
+
+def _cifar_files(spec: dict, folder: Path) -> list[Path]:
+    return [folder / f for f in (*spec["train"], *spec["test"], spec["meta"][0])]
+
+
+def _cifar_factory(name: str) -> DatasetFactory:
+    def factory(root: Path, download: bool) -> Dataset:
+        spec = _CIFAR[name]  # looked up per call so tests can point the URL elsewhere
+        folder = root / spec["folder"]
+        files = _cifar_files(spec, folder)
+        if not all(f.is_file() for f in files) and download:
+            archive = root / spec["url"].rsplit("/", 1)[1]
+            dl.fetch_and_extract(spec["url"], archive, root, md5=spec["md5"])
+        if not all(f.is_file() for f in files):
+            wanted = f"{', '.join((*spec['train'], *spec['test']))} and {spec['meta'][0]}"
+            raise _not_found(name, folder, wanted, not download)
+        classes = formats.read_cifar_meta(folder / spec["meta"][0], spec["meta"][1])
+
+        def load(split: str) -> Split:
+            images, labels = formats.read_cifar_batches(
+                [folder / f for f in spec[split]], spec["label_key"]
+            )
+            return Split(labels=labels, images=images)
+
+        return Dataset(
+            name=name,
+            classes=classes,
+            channels=3,
+            image_size=(32, 32),
+            mean=spec["mean"],
+            std=spec["std"],
+            source=f"{folder} ({spec['url']})",
+            license=CIFAR_LICENSE,
+            loader=load,
+            split_names=["train", "test"],
+            fingerprinter=_files_fingerprint(f"{name}:pickle", files),
+        )
+
+    return factory
+
+
+for _name in _CIFAR:
+    register_dataset(_name, _cifar_factory(_name))
+
+
+# ----------------------------------------------------------------------------- custom paths
+
+
+def _folder_splits(path: Path) -> dict[str, Path]:
+    if not (path / "train").is_dir():
+        raise DatasetNotFound(
+            f"dataset {str(path)!r}: no train/ folder (expected {path}/train/<class>/<image> "
+            "and test/ or val/)"
+        )
+    splits = {s: path / s for s in ("train", "val", "test") if (path / s).is_dir()}
+    if len(splits) == 1:
+        raise DatasetNotFound(f"dataset {str(path)!r}: no test/ or val/ folder beside train/")
+    return splits
+
+
+def _image_mode(file: str) -> tuple[int, tuple[int, int]]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as im:
+            return (1 if im.mode in ("L", "1") else 3), (im.height, im.width)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DatasetNotFound(f"cannot read image {file}: {exc}") from None
+
+
+def image_folder_dataset(path: str | os.PathLike) -> Dataset:
+    """``<path>/{train,test|val}/<class>/<image>`` -> a file-backed dataset."""
+    path = Path(path).resolve()
+    listed = {s: formats.list_image_folder(d) for s, d in _folder_splits(path).items()}
+    classes = listed["train"][0]
+    for split, (names, _, _) in listed.items():
+        if names != classes:
+            only_train = sorted(set(classes) - set(names))
+            only_here = sorted(set(names) - set(classes))
+            raise DatasetNotFound(
+                f"dataset {str(path)!r}: class mismatch between train/ and {split}/ "
+                f"(only in train: {only_train}; only in {split}: {only_here})"
+            )
+    channels, size = _image_mode(listed["train"][1][0])
+    splits = {s: Split(labels=labels, files=files) for s, (_, files, labels) in listed.items()}
+    gray = channels == 1
+    return Dataset(
+        name=path.name,
+        classes=classes,
+        channels=channels,
+        image_size=size,
+        mean=IMAGENET_GRAY_MEAN if gray else IMAGENET_MEAN,
+        std=IMAGENET_GRAY_STD if gray else IMAGENET_STD,
+        source=str(path),
+        license="unknown (user-provided)",
+        loader=splits.__getitem__,
+        split_names=[s for s in ("train", "val", "test") if s in splits],
+    )
+
+
+def npz_dataset(path: str | os.PathLike) -> Dataset:
+    """An .npz with x_train, y_train, x_test, y_test (x_val/y_val, classes optional)."""
+    path = Path(path).resolve()
+    arrays, classes = formats.read_npz_splits(path)
+    shape = arrays["train"][0].shape[1:]
+    for split, (x, _) in arrays.items():
+        if len(x) == 0:
+            raise DatasetNotFound(f"dataset {str(path)!r}: split {split!r} is empty")
+        if x.shape[1:] != shape:
+            raise DatasetNotFound(
+                f"dataset {str(path)!r}: x_{split} images are {x.shape[1:]}, x_train are {shape}"
+            )
+    top = max(int(y.max()) for _, y in arrays.values())
+    if classes is None:
+        classes = [str(i) for i in range(top + 1)]
+    elif top >= len(classes):
+        raise DatasetNotFound(
+            f"dataset {str(path)!r}: label {top} but only {len(classes)} class names"
+        )
+    mean, std = channel_stats(arrays["train"][0])
+    splits = _in_memory(arrays)
+    return Dataset(
+        name=path.stem,
+        classes=classes,
+        channels=int(shape[2]),
+        image_size=shape[:2],
+        mean=mean,
+        std=std,
+        source=str(path),
+        license="unknown (user-provided)",
+        loader=splits.__getitem__,
+        split_names=[s for s in ("train", "val", "test") if s in splits],
+        fingerprinter=_files_fingerprint("npz", [path]),
+    )

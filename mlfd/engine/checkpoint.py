@@ -1,0 +1,71 @@
+"""Checkpoints as safetensors + a JSON sidecar (architecture, classes, metrics, hashes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import MlfdError
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(stem: Path, state_dict: dict, meta: dict) -> str:
+    """Write ``stem.safetensors`` and ``stem.json`` atomically; returns the weights' sha256."""
+    from safetensors.torch import save_file
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_suffix(".safetensors")
+    tmp = weights.with_suffix(".safetensors.tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, weights)  # an interrupted write never leaves a half checkpoint
+    sha = file_sha256(weights)
+    meta = dict(meta, sha256=sha)
+    side = stem.with_suffix(".json")
+    side.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(side.with_suffix(".json.tmp"), side)
+    return sha
+
+
+def load_meta(stem: Path) -> dict:
+    side = stem.with_suffix(".json")
+    if not side.exists():
+        raise MlfdError(f"checkpoint metadata {side} is missing")
+    return json.loads(side.read_text())
+
+
+def load_state(stem: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = stem.with_suffix(".safetensors")
+    if not weights.exists():
+        raise MlfdError(f"checkpoint {weights} is missing")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise MlfdError(f"checkpoint {weights} is unreadable: {e}") from None
+
+
+def load_into(module: torch.nn.Module, stem: Path, what: str) -> None:
+    """Strict load with a one-line error when the weights belong to another architecture."""
+    state = load_state(stem)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise MlfdError(
+            f"checkpoint {stem.with_suffix('.safetensors')} does not fit the {what} "
+            f"(another architecture or class count?): {first}"
+        ) from None

@@ -1,0 +1,105 @@
+"""The epoch loop every training stage shares: AMP, schedule, progress, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import MlfdError
+from .metrics import MetricsLog
+from .optim import build_optimizer, build_scheduler
+from .progress import log, progress
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class FitResult:
+    best: dict
+    last: dict
+    history: list[dict]
+
+
+def fit(
+    *,
+    title: str,
+    model: torch.nn.Module,
+    cfg,
+    device: torch.device,
+    steps_per_epoch: int,
+    batches: Callable[[int], Iterable],
+    step: Callable[[object], tuple[torch.Tensor, dict, int]],
+    evaluate: Callable[[], dict],
+    save: Callable[[str, int, dict], None],
+    metrics: MetricsLog,
+    select: str = "top1",
+) -> FitResult:
+    """Train ``model`` for cfg.epochs; ``step`` returns (loss, logged terms, items in batch).
+
+    After each epoch: ``evaluate()`` gives metrics, ``save("last", ...)`` always and
+    ``save("best", ...)`` when ``metrics[select]`` improved.
+    """
+    opt = build_optimizer(model.parameters(), cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch)
+    best, last, history = None, None, []
+    with progress() as prog:
+        ep_task = prog.add_task(f"{title} epochs", total=cfg.epochs, items=0, info="", unit="img")
+        for epoch in range(cfg.epochs):
+            model.train()
+            task = prog.add_task(f"  epoch {epoch + 1}", total=steps_per_epoch, items=0, info="",
+                                 unit="img")
+            sums: dict[str, float] = {}
+            seen, t0 = 0, time.perf_counter()
+            for batch in batches(epoch):
+                with autocast(device):
+                    loss, terms, n = step(batch)
+                if not torch.isfinite(loss):
+                    raise MlfdError(f"{title}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                    "lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seen += n
+                for k, v in {"loss": loss.detach(), **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+                prog.update(task, advance=1, items=seen, info=f"loss {float(loss):.3f}")
+            prog.remove_task(task)
+            train_time = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                   "train_images_per_s": seen / max(train_time, 1e-9),
+                   **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
+            model.eval()
+            with torch.no_grad(), autocast(device):
+                row.update(evaluate())
+            metrics.write(**row)
+            history.append(row)
+            last = row
+            save("last", epoch + 1, row)
+            if best is None or row.get(select, -math.inf) > best.get(select, -math.inf):
+                best = row
+                save("best", epoch + 1, row)
+            prog.update(ep_task, advance=1, items=seen * (epoch + 1),
+                        info=f"{select} {row.get(select, float('nan')):.4f}")
+            log(f"{title} epoch {epoch + 1}/{cfg.epochs}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                            if k.startswith(("train_loss", "top1", "top5")) or k.endswith("top1")))
+    return FitResult(best=best or {}, last=last or {}, history=history)

@@ -1,0 +1,98 @@
+"""The paper-style comparison: terminal table, JSON, markdown and accuracy-per-epoch plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from .engine.metrics import read_jsonl
+from .workspace import Workspace
+
+
+def _label(r: dict) -> str:
+    if r["model"] == "teacher":
+        return f"dataset-specific teacher ({r['arch']})"
+    if r["model"] == "joint":
+        return f"joint teacher L{r['levels']}"
+    return f"student L{r['levels']} ({r['arch']})"
+
+
+def _gain(r: dict, rows: list[dict]) -> float | None:
+    """A student's top-1 gain over its same-architecture dataset-specific teacher."""
+    if r["model"] != "student":
+        return None
+    base = [t for t in rows if t["dataset"] == r["dataset"] and t["model"] == "teacher"]
+    return r["top1"] - base[0]["top1"] if base else None
+
+
+def rich_table(rows: list[dict], title: str = "MLFD results (test split)") -> Table:
+    table = Table(title=title)
+    for col in ("dataset", "model", "top-1 %", "top-5 %", "vs teacher"):
+        table.add_column(col, justify="right" if "%" in col or col == "vs teacher" else "left")
+    for r in rows:
+        g = _gain(r, rows)
+        table.add_row(r["dataset"], _label(r), f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}",
+                      "" if g is None else f"{100 * g:+.2f}")
+    return table
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| dataset | model | top-1 % | top-5 % | vs teacher |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        g = _gain(r, rows)
+        lines.append(f"| {r['dataset']} | {_label(r)} | {100 * r['top1']:.2f} | "
+                     f"{100 * r['top5']:.2f} | {'' if g is None else f'{100 * g:+.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(ws: Workspace, out_dir: Path) -> list[Path]:
+    """One PNG per dataset: test top-1 per epoch of its teacher, the joint teachers, students."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for e in ws.exp.datasets:
+        curves = []
+        t = read_jsonl(ws.teacher_dir(e.name) / "metrics.jsonl")
+        if t:
+            curves.append((f"teacher ({e.arch})", [r["epoch"] for r in t], [r["top1"] for r in t]))
+        for jd in sorted((ws.root / "joint").glob("L*")):
+            j = read_jsonl(jd / "metrics.jsonl")
+            if j and f"{e.name}/top1" in j[0]:
+                curves.append((f"joint teacher {jd.name}", [r["epoch"] for r in j],
+                               [r[f"{e.name}/top1"] for r in j]))
+        for sd in sorted((ws.root / "students" / e.name).glob("L*")):
+            s = read_jsonl(sd / "metrics.jsonl")
+            if s:
+                curves.append((f"student {sd.name}", [r["epoch"] for r in s],
+                               [r["top1"] for r in s]))
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for label, x, y in curves:
+            ax.plot(x, [100 * v for v in y], marker="o", markersize=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(e.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"curves-{e.name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_reports(ws: Workspace, rows: list[dict]) -> dict[str, str]:
+    out = ws.reports
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "results.md").write_text(markdown(rows))
+    plots = plot_curves(ws, out)
+    return {"json": str(out / "results.json"), "markdown": str(out / "results.md"),
+            "plots": [str(p) for p in plots]}

@@ -1,0 +1,185 @@
+"""Stage `cache`: teacher embeddings at the fusion level, then joint-teacher targets.
+
+Part 1 runs every frozen teacher once over the images of *all* datasets (V views of
+each training image, the clean view of each test image) and stores its L_K
+embedding. Part 2 (once a joint teacher exists) runs the joint teacher over that
+cache and stores, per training image and view, its logits for the image's own
+dataset and its embeddings L1..LK: the student's distillation targets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..cache import CacheGroup, digest
+from ..data.sampling import eval_order
+from ..engine.checkpoint import load_meta
+from ..engine.progress import log, progress
+from ..errors import MlfdError
+from ..models import JointTeacher, level_shapes
+from ..workspace import Workspace
+from .common import RunOptions, dataset_of, input_spec, load_teacher, pipeline_for
+
+SPLITS = ("train", "test")
+
+
+def _views(ws: Workspace, split: str) -> int:
+    return ws.exp.cache.views if split == "train" else 1
+
+
+def teacher_fingerprint(ws: Workspace, levels: int, data_name: str, split: str) -> dict:
+    teachers = {}
+    for e in ws.exp.datasets:
+        stem = ws.teacher_dir(e.name) / "last"
+        sha = load_meta(stem)["sha256"] if stem.with_suffix(".json").exists() else None
+        teachers[e.name] = {"sha256": sha, "arch": e.arch,
+                            "input": input_spec(ws, e.name).to_dict()}
+    return {
+        "kind": "teacher-embeddings", "level": levels, "dataset": data_name,
+        "dataset_fingerprint": dataset_of(ws, data_name).fingerprint(), "split": split,
+        "views": _views(ws, split), "view_seed": ws.exp.seed,
+        "view_config": {"hflip": ws.exp.entry(data_name).hflip},
+        "dtype": ws.exp.cache.dtype, "teachers": digest(teachers),
+    }
+
+
+def teacher_group(ws: Workspace, levels: int, data_name: str, split: str) -> CacheGroup:
+    return CacheGroup(ws.teacher_cache(levels) / data_name / split,
+                      teacher_fingerprint(ws, levels, data_name, split))
+
+
+def target_fingerprint(ws: Workspace, levels: int, data_name: str) -> dict:
+    stem = ws.joint_dir(levels) / "last"
+    sha = load_meta(stem)["sha256"] if stem.with_suffix(".json").exists() else None
+    return {"kind": "joint-targets", "level": levels, "dataset": data_name, "split": "train",
+            "joint_sha256": sha, "teacher_cache": digest(teacher_fingerprint(
+                ws, levels, data_name, "train")), "dtype": ws.exp.cache.dtype}
+
+
+def target_group(ws: Workspace, levels: int, data_name: str) -> CacheGroup:
+    return CacheGroup(ws.target_cache(levels) / data_name / "train",
+                      target_fingerprint(ws, levels, data_name))
+
+
+def check_levels(ws: Workspace, levels: int, device) -> list[list[tuple[int, ...]]]:
+    """Per-teacher shapes of L1..LK, with a clear error if a teacher lacks level K."""
+    from ..models import build_level_backbone
+
+    shapes = []
+    for e in ws.exp.datasets:
+        bb = build_level_backbone(e, dataset_of(ws, e.name).num_classes)
+        bb.check_levels(levels)
+        shapes.append(level_shapes(bb, e.input_size, levels))
+    return shapes
+
+
+@torch.no_grad()
+def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
+    """Write every missing or stale teacher-embedding group; returns what was (re)written."""
+    from ..engine.loop import autocast
+
+    dtype = ws.exp.cache.dtype
+    todo = [(d.name, s) for d in ws.exp.datasets for s in SPLITS
+            if opts.force or teacher_group(ws, levels, d.name, s).status() != "ok"]
+    if not todo:
+        return []
+    teachers = [load_teacher(ws, e.name, opts.device)[0] for e in ws.exp.datasets]
+    shapes = [level_shapes(t, e.input_size, levels)[levels - 1]
+              for t, e in zip(teachers, ws.exp.datasets)]
+    bs = ws.exp.cache.batch_size
+    with progress() as prog:
+        for data_name, split in todo:
+            data = dataset_of(ws, data_name).load(split)
+            V = _views(ws, split)
+            group = teacher_group(ws, levels, data_name, split)
+            arrays = {e.name: ((len(data), V, *shape), dtype)
+                      for e, shape in zip(ws.exp.datasets, shapes)}
+            arrays["labels"] = ((len(data),), "int64")
+            writer = group.begin(arrays)
+            writer.append("labels", np.asarray(data.labels, dtype=np.int64))
+            order = eval_order(len(data), V)
+            batch = max(V, bs // V * V)  # whole samples per batch: rows reshape to (b, V, ...)
+            for t, e in zip(teachers, ws.exp.datasets):
+                task = prog.add_task(f"cache L{levels} {e.name} on {data_name}/{split}",
+                                     total=(len(order) + batch - 1) // batch, items=0, info="",
+                                     unit="img")
+                pipe = pipeline_for(ws, opts, data_name, split, input_spec(ws, e.name), order,
+                                    batch)
+                seen = 0
+                for b in pipe:
+                    with autocast(opts.device):
+                        _, emb = t(b.images, levels)
+                    feat = emb[levels - 1].float()
+                    writer.append(e.name, feat.reshape(-1, V, *feat.shape[1:]))
+                    seen += len(b)
+                    prog.update(task, advance=1, items=seen)
+            writer.close()
+            log(f"[cache] teachers L{levels} {data_name}/{split}: {len(data)}x{V} views, "
+                f"{group.nbytes() / 2**20:.1f} MiB")
+    return [f"{d}/{s}" for d, s in todo]
+
+
+def load_teacher_inputs(ws: Workspace, levels: int, data_name: str, split: str):
+    """(list of per-teacher arrays (N, V, ...), labels (N,)) from a checked cache group."""
+    arrays = teacher_group(ws, levels, data_name, split).load()
+    return [arrays[e.name] for e in ws.exp.datasets], arrays["labels"]
+
+
+def load_joint(ws: Workspace, levels: int, device: torch.device) -> tuple[JointTeacher, dict]:
+    from ..engine.checkpoint import load_into
+
+    stem = ws.joint_dir(levels) / "last"
+    if not stem.with_suffix(".safetensors").exists():
+        raise MlfdError(f"no joint teacher for L{levels} ({stem}.safetensors): run `mlfd fuse`")
+    meta = load_meta(stem)
+    joint = build_joint(ws, meta["teacher_shapes"], levels)
+    load_into(joint, stem, f"joint teacher L{levels}")
+    return joint.to(device).eval().requires_grad_(False), meta
+
+
+def build_joint(ws: Workspace, teacher_shapes, levels: int) -> JointTeacher:
+    cfg = ws.exp.fuse
+    return JointTeacher([[tuple(s) for s in t] for t in teacher_shapes],
+                        [dataset_of(ws, e.name).num_classes for e in ws.exp.datasets], levels,
+                        cfg.width, cfg.embed_dim, cfg.dropout)
+
+
+def joint_forward_cached(joint: JointTeacher, feats: list[np.ndarray], rows: np.ndarray,
+                         views: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+    x = [torch.from_numpy(np.ascontiguousarray(f[rows, views])).to(device).float() for f in feats]
+    return joint(x)
+
+
+@torch.no_grad()
+def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
+                  names: list[str] | None = None) -> list[str]:
+    """Joint-teacher logits and L1..LK for every (train image, view) of the given datasets."""
+    names = names or ws.exp.names()
+    todo = [n for n in names if opts.force or target_group(ws, levels, n).status() != "ok"]
+    if not todo:
+        return []
+    joint, _ = load_joint(ws, levels, opts.device)
+    dtype = ws.exp.cache.dtype
+    for name in todo:
+        d_idx = ws.exp.names().index(name)
+        feats, labels = load_teacher_inputs(ws, levels, name, "train")
+        N, V = feats[0].shape[:2]
+        group = target_group(ws, levels, name)
+        arrays = {"logits": ((N, V, joint.num_classes[d_idx]), dtype), "labels": ((N,), "int64")}
+        for k, shape in enumerate(joint.embed_shapes):
+            arrays[f"L{k + 1}"] = ((N, V, *shape), dtype)
+        writer = group.begin(arrays)
+        writer.append("labels", labels)
+        bs = max(1, 1024 // V)
+        for start in range(0, N, bs):
+            rows = np.repeat(np.arange(start, min(N, start + bs)), V)
+            views = np.tile(np.arange(V), len(rows) // V)
+            emb = joint_forward_cached(joint, feats, rows, views, opts.device)
+            logits = joint.logits(emb[0], d_idx)
+            writer.append("logits", logits.reshape(-1, V, logits.shape[1]))
+            for k, e in enumerate(emb):
+                writer.append(f"L{k + 1}", e.reshape(-1, V, *e.shape[1:]))
+        writer.close()
+        log(f"[cache] targets L{levels} {name}: {N}x{V} views, {group.nbytes() / 2**20:.1f} MiB")
+    return todo

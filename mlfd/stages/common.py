@@ -1,0 +1,106 @@
+"""What several stages share: datasets, input specs, loading teachers, evaluation passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.pipeline import InputSpec, build_pipeline
+from ..data.registry import Dataset, get_dataset
+from ..data.sampling import eval_order
+from ..data.views import ViewConfig
+from ..engine.checkpoint import load_into, load_meta
+from ..engine.metrics import Accuracy
+from ..errors import MlfdError
+from ..models import build_level_backbone
+from ..workspace import Workspace
+
+
+@dataclass
+class RunOptions:
+    """Per-invocation settings that are not part of the experiment."""
+
+    device: torch.device
+    pipeline: str = "auto"
+    loss_backend: str | None = None
+    force: bool = False
+
+
+_DATASETS: dict[tuple[str, str | None], Dataset] = {}
+
+
+def dataset_of(ws: Workspace, name: str) -> Dataset:
+    entry = ws.exp.entry(name)
+    key = (entry.source, ws.data_root)
+    if key not in _DATASETS:
+        _DATASETS[key] = get_dataset(entry.source, ws.data_root)
+    return _DATASETS[key]
+
+
+def input_spec(ws: Workspace, model_name: str) -> InputSpec:
+    """The input of the teacher/student of ``model_name``: its size, its dataset's stats."""
+    entry = ws.exp.entry(model_name)
+    ds = dataset_of(ws, model_name)
+    return InputSpec(size=(entry.input_size, entry.input_size), channels=3,
+                     mean=tuple(ds.mean), std=tuple(ds.std))
+
+
+def view_config(ws: Workspace, data_name: str) -> ViewConfig:
+    return ViewConfig(hflip=ws.exp.entry(data_name).hflip)
+
+
+def pipeline_for(ws: Workspace, opts: RunOptions, data_name: str, split: str, spec: InputSpec,
+                 order: np.ndarray, batch_size: int):
+    ds = dataset_of(ws, data_name)
+    return build_pipeline(ds.load(split), spec, order, batch_size, backend=opts.pipeline,
+                          seed=ws.exp.seed, view_cfg=view_config(ws, data_name),
+                          device=opts.device)
+
+
+def base_meta(kind: str, **kw) -> dict:
+    import timm
+
+    return {"kind": kind, "mlfd_version": __version__, "timm_version": timm.__version__, **kw}
+
+
+def teacher_stem(ws: Workspace, name: str, which: str = "last"):
+    return ws.teacher_dir(name) / which
+
+
+def load_teacher(ws: Workspace, name: str, device: torch.device):
+    """The trained teacher of dataset ``name`` (last epoch), frozen, in eval mode."""
+    stem = teacher_stem(ws, name)
+    if not stem.with_suffix(".safetensors").exists():
+        raise MlfdError(f"teacher for {name!r} is not trained yet ({stem}.safetensors): "
+                        f"run `mlfd teach --dataset {name}`")
+    meta = load_meta(stem)
+    entry = ws.exp.entry(name)
+    if meta.get("arch") != entry.arch:
+        raise MlfdError(f"teacher checkpoint {stem}.safetensors is a {meta.get('arch')}, but the "
+                        f"experiment says {entry.arch}: re-run `mlfd teach --dataset {name} --force`")
+    model = build_level_backbone(entry, dataset_of(ws, name).num_classes)
+    load_into(model.model, stem, f"{entry.arch} teacher of {name}")
+    model.to(opts_device(device)).eval().requires_grad_(False)
+    return model, meta
+
+
+def opts_device(device) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+@torch.no_grad()
+def evaluate_images(ws: Workspace, opts: RunOptions, data_name: str, spec: InputSpec,
+                    logits_fn, batch_size: int = 256) -> dict:
+    """Top-1/top-5 on the clean view of the test split."""
+    from ..engine.loop import autocast
+
+    ds = dataset_of(ws, data_name)
+    test = ds.load("test")
+    acc = Accuracy()
+    for b in pipeline_for(ws, opts, data_name, "test", spec, eval_order(len(test)), batch_size):
+        with autocast(opts.device):
+            acc.update(logits_fn(b.images).float(), b.labels)
+    return acc.result()

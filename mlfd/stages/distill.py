@@ -1,0 +1,92 @@
+"""Stage `distill`: one student per dataset, multi-level KD against cached joint targets.
+
+The student has its dataset's teacher architecture. Each step draws, per sample, one
+of the V cached views; the pipeline renders exactly that view, so the joint
+teacher's targets match the pixels the student sees.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import digest
+from ..data.sampling import train_order
+from ..engine.checkpoint import save_checkpoint
+from ..engine.loop import fit, seed_everything
+from ..engine.metrics import MetricsLog
+from ..engine.progress import log
+from ..errors import MlfdError
+from ..losses import KDLossConfig, kd_loss, resolve_backend
+from ..models import Student, build_level_backbone, level_shapes
+from ..workspace import Workspace
+from .cache import target_group
+from .common import RunOptions, base_meta, dataset_of, evaluate_images, input_spec, pipeline_for
+
+
+def loss_config(ws: Workspace, levels: int) -> KDLossConfig:
+    cfg = ws.exp.distill
+    weights = list(cfg.level_weights)
+    if len(weights) < levels:
+        # Missing weights repeat the last one given (0.2 by default, as in the paper).
+        weights += [weights[-1] if weights else 0.2] * (levels - len(weights))
+    return KDLossConfig(ce_weight=cfg.ce_weight, soft_weight=cfg.soft_weight,
+                        temperature=cfg.temperature, level_weights=tuple(weights[:levels]),
+                        label_smoothing=cfg.label_smoothing)
+
+
+def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
+    entry, cfg = ws.exp.entry(name), ws.exp.distill
+    ds = dataset_of(ws, name)
+    group = target_group(ws, levels, name)
+    targets = group.load()
+    N, V = targets["logits"].shape[:2]
+    if len(ds.load("train")) != N:
+        raise MlfdError(f"target cache {group.path} has {N} samples, dataset has "
+                        f"{len(ds.load('train'))}: re-run `mlfd cache --force`")
+    seed_everything(ws.exp.seed)
+    backbone = build_level_backbone(entry, ds.num_classes)
+    s_shapes = level_shapes(backbone, entry.input_size, levels)
+    t_shapes = [targets[f"L{k + 1}"].shape[2:] for k in range(levels)]
+    student = Student(backbone, s_shapes, t_shapes).to(opts.device)
+    backend = resolve_backend(opts.loss_backend or cfg.loss_backend, opts.device)
+    kd_cfg = loss_config(ws, levels)
+    # Targets stay resident (fp16) on the training device; rows are gathered per batch.
+    dev_t = {k: torch.from_numpy(v).to(opts.device) for k, v in targets.items() if k != "labels"}
+    spec = input_spec(ws, name)
+    out = ws.student_dir(name, levels)
+    steps = (N + cfg.batch_size - 1) // cfg.batch_size
+    meta = base_meta("student", dataset=name, source=entry.source, arch=entry.arch,
+                     num_classes=ds.num_classes, classes=ds.classes, levels=levels,
+                     input_size=entry.input_size, model_kwargs=entry.model_kwargs,
+                     mean=list(ds.mean), std=list(ds.std), targets_digest=digest(group.fingerprint), loss=vars(kd_cfg),
+                     loss_backend=backend, train=vars(cfg).copy(), seed=ws.exp.seed)
+
+    def batches(epoch):
+        order = train_order(N, epoch, ws.exp.seed, V)
+        return pipeline_for(ws, opts, name, "train", spec, order, cfg.batch_size)
+
+    def step(b):
+        idx, view = b.index.to(opts.device), b.view.to(opts.device)
+        logits, embeds = student(b.images)
+        t_logits = dev_t["logits"][idx, view]
+        t_embeds = [dev_t[f"L{k + 1}"][idx, view] for k in range(levels)]
+        loss, terms = kd_loss(logits.float(), t_logits.float(), b.labels,
+                              [e.float() for e in embeds], [t.float() for t in t_embeds],
+                              kd_cfg, backend=backend)
+        return loss, terms, len(b)
+
+    def save(which, epoch, row):
+        # Exported students are plain timm models; adaptors are kept aside for inspection.
+        save_checkpoint(out / which, student.backbone.model.state_dict(),
+                        dict(meta, epoch=epoch, metrics=row, complete=epoch == cfg.epochs))
+        if which == "last":
+            save_checkpoint(out / "adaptors", student.adaptors.state_dict(),
+                            {"kind": "student-adaptors", "epoch": epoch})
+
+    log(f"[distill] {name}: {entry.arch} student, levels L1..L{levels}, loss backend {backend}, "
+        f"{N} images x {V} cached views")
+    res = fit(title=f"distill {name} L{levels}", model=student, cfg=cfg, device=opts.device,
+              steps_per_epoch=steps, batches=batches, step=step,
+              evaluate=lambda: evaluate_images(ws, opts, name, spec, student.backbone.model),
+              save=save, metrics=MetricsLog(out / "metrics.jsonl"))
+    return res.last

@@ -1,0 +1,98 @@
+"""Stage `fuse`: train the joint teacher on the cached teacher embeddings of all datasets.
+
+Batches mix samples of every dataset (proportionally to size); each sample's CE uses
+its own dataset's head. No backbone runs: the teachers' L_K embeddings come from
+the cache, one randomly chosen cached view per sample and epoch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cache import digest
+from ..data.sampling import train_order
+from ..engine.checkpoint import save_checkpoint
+from ..engine.loop import fit, seed_everything
+from ..engine.metrics import Accuracy, MetricsLog
+from ..engine.progress import log
+from ..models import level_shapes
+from ..workspace import Workspace
+from .cache import build_joint, joint_forward_cached, load_teacher_inputs, teacher_fingerprint
+from .common import RunOptions, base_meta, dataset_of, load_teacher
+
+
+def joint_inputs_digest(ws: Workspace, levels: int) -> str:
+    return digest([teacher_fingerprint(ws, levels, n, s)
+                   for n in ws.exp.names() for s in ("train", "test")])
+
+
+def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
+    cfg, names = ws.exp.fuse, ws.exp.names()
+    seed_everything(ws.exp.seed)
+    train = [load_teacher_inputs(ws, levels, n, "train") for n in names]
+    test = [load_teacher_inputs(ws, levels, n, "test") for n in names]
+    shapes = []
+    for e in ws.exp.datasets:
+        t, _ = load_teacher(ws, e.name, torch.device("cpu"))
+        shapes.append(level_shapes(t, e.input_size, levels))
+    joint = build_joint(ws, shapes, levels).to(opts.device)
+    sizes = [len(lab) for _, lab in train]
+    V = train[0][0][0].shape[1]
+    total = sum(sizes)
+    steps = (total + cfg.batch_size - 1) // cfg.batch_size
+    out = ws.joint_dir(levels)
+    meta = base_meta("joint", levels=levels, datasets=names, teacher_shapes=shapes,
+                     num_classes=[dataset_of(ws, n).num_classes for n in names],
+                     inputs_digest=joint_inputs_digest(ws, levels), train=vars(cfg).copy(),
+                     seed=ws.exp.seed)
+
+    def batches(epoch):
+        # Per dataset: a shuffled pass with one cached view per sample; then interleave.
+        parts = []
+        for d, n in enumerate(sizes):
+            o = train_order(n, epoch, ws.exp.seed + d, V)
+            parts.append(np.column_stack([np.full(n, d), o]))
+        allrows = np.concatenate(parts)
+        allrows = allrows[np.random.default_rng([ws.exp.seed, epoch, 7]).permutation(total)]
+        for s in range(0, total, cfg.batch_size):
+            yield allrows[s:s + cfg.batch_size]
+
+    def step(rows):
+        loss = torch.zeros((), device=opts.device)
+        for d in np.unique(rows[:, 0]):
+            sel = rows[rows[:, 0] == d]
+            feats, labels = train[d]
+            emb = joint_forward_cached(joint, feats, sel[:, 1], sel[:, 2], opts.device)
+            y = torch.from_numpy(labels[sel[:, 1]]).to(opts.device)
+            logits = joint.logits(emb[0], int(d)).float()
+            ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
+            loss = loss + ce / len(rows)
+        return loss, {}, len(rows)
+
+    def evaluate():
+        row, top1 = {}, []
+        for d, n in enumerate(names):
+            feats, labels = test[d]
+            acc = Accuracy()
+            for s in range(0, len(labels), 1024):
+                idx = np.arange(s, min(len(labels), s + 1024))
+                emb = joint_forward_cached(joint, feats, idx, np.zeros_like(idx), opts.device)
+                acc.update(joint.logits(emb[0], d).float(),
+                           torch.from_numpy(labels[idx]).to(opts.device))
+            r = acc.result()
+            row[f"{n}/top1"], row[f"{n}/top5"] = r["top1"], r["top5"]
+            top1.append(r["top1"])
+        row["top1"] = float(np.mean(top1))
+        return row
+
+    def save(which, epoch, row):
+        save_checkpoint(out / which, joint.state_dict(),
+                        dict(meta, epoch=epoch, metrics=row, complete=epoch == cfg.epochs))
+
+    log(f"[fuse] joint teacher L{levels} over {len(names)} teachers, {total} samples x {V} views")
+    res = fit(title=f"fuse L{levels}", model=joint, cfg=cfg, device=opts.device,
+              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, save=save,
+              metrics=MetricsLog(out / "metrics.jsonl"))
+    return res.last

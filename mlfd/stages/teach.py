@@ -1,0 +1,63 @@
+"""Stage `teach`: one teacher per dataset, trained from scratch with cross-entropy."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..data.sampling import train_order
+from ..engine.checkpoint import save_checkpoint
+from ..engine.loop import fit, seed_everything
+from ..engine.metrics import MetricsLog
+from ..engine.progress import log
+from ..models import build_level_backbone
+from ..workspace import Workspace
+from .common import RunOptions, base_meta, dataset_of, evaluate_images, input_spec, pipeline_for
+
+
+def teacher_done(ws: Workspace, name: str) -> bool:
+    from ..engine.checkpoint import load_meta
+
+    stem = ws.teacher_dir(name) / "last"
+    if not stem.with_suffix(".safetensors").exists() or not stem.with_suffix(".json").exists():
+        return False
+    meta = load_meta(stem)
+    return meta.get("arch") == ws.exp.entry(name).arch and meta.get("complete", False)
+
+
+def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
+    """Train the teacher of dataset ``name``; returns its last-epoch metrics."""
+    entry, cfg = ws.exp.entry(name), ws.exp.teach
+    ds = dataset_of(ws, name)
+    train = ds.load("train")
+    seed_everything(ws.exp.seed)
+    model = build_level_backbone(entry, ds.num_classes).to(opts.device)
+    spec = input_spec(ws, name)
+    out = ws.teacher_dir(name)
+    steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    meta = base_meta("teacher", dataset=name, source=entry.source,
+                     dataset_fingerprint=ds.fingerprint(), arch=entry.arch,
+                     num_classes=ds.num_classes, classes=ds.classes, input_size=entry.input_size,
+                     model_kwargs=entry.model_kwargs, drop_rate=entry.drop_rate,
+                     drop_path_rate=entry.drop_path_rate, mean=list(ds.mean), std=list(ds.std),
+                     train=vars(cfg).copy(), seed=ws.exp.seed)
+
+    def batches(epoch):
+        order = train_order(len(train), epoch, ws.exp.seed, "fresh")
+        return pipeline_for(ws, opts, name, "train", spec, order, cfg.batch_size)
+
+    def step(b):
+        logits = model.model(b.images)
+        loss = F.cross_entropy(logits.float(), b.labels, label_smoothing=cfg.label_smoothing)
+        return loss, {}, len(b)
+
+    def save(which, epoch, row):
+        save_checkpoint(out / which, model.model.state_dict(),
+                        dict(meta, epoch=epoch, metrics=row, complete=epoch == cfg.epochs))
+
+    log(f"[teach] {name}: {entry.arch} on {len(train)} images, {cfg.epochs} epochs, "
+        f"{entry.input_size}px, device {opts.device}")
+    res = fit(title=f"teach {name}", model=model, cfg=cfg, device=opts.device,
+              steps_per_epoch=steps, batches=batches, step=step,
+              evaluate=lambda: evaluate_images(ws, opts, name, spec, model.model),
+              save=save, metrics=MetricsLog(out / "metrics.jsonl"))
+    return res.last

@@ -1,0 +1,299 @@
+"""The `mlfd` command: maps options onto the stage functions of mlfd.stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlfd.errors import MlfdError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Multi-Level Feature Distillation: teach -> cache -> fuse -> distill -> eval.\n\n"
+         "Example (embedded demo, CPU): mlfd distill --dataset fashion-mnist-mini --levels 2",
+)
+
+Workdir = Annotated[Path | None, typer.Option(
+    "--workdir", "-w", help="Experiment directory (default: ./mlfd-runs/<preset>).")]
+Datasets = Annotated[list[str] | None, typer.Option(
+    "--dataset", "-d", help="Dataset name, path, or 'all' (repeatable).")]
+Levels = Annotated[int | None, typer.Option(
+    "--levels", "-k", help="Distil at L1..LK (teachers fused at LK); default from the experiment.")]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed (views, shuffles, init).")]
+DataRoot = Annotated[str | None, typer.Option(
+    "--data-root", envvar="MLFD_DATA", help="Where full datasets live / are downloaded.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Preset = Annotated[str | None, typer.Option(
+    "--preset", help="demo | paper-t1 | paper-t2, for a workspace without an experiment yet.")]
+Teacher = Annotated[list[str] | None, typer.Option(
+    "--teacher", help="DATASET=ARCH (repeatable): define a custom experiment.")]
+InputSize = Annotated[int | None, typer.Option(
+    "--input-size", help="Input resolution for --teacher experiments (default: the arch's).")]
+Epochs = Annotated[int | None, typer.Option("--epochs", help="Override epochs of every stage.")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Override batch sizes.")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Override learning rates.")]
+Pipeline = Annotated[str, typer.Option("--pipeline", help="auto | dali | torch")]
+LossBackend = Annotated[str | None, typer.Option(
+    "--loss-backend", help="auto | torch | compile | triton (default: the experiment's).")]
+Force = Annotated[bool, typer.Option("--force", help="Redo this stage even if it is done.")]
+
+
+def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epochs, batch_size,
+          lr, levels):
+    """Resolve the workspace and apply per-run overrides (not written back to the file)."""
+    from mlfd.config import DatasetEntry, Experiment, short_name
+    from mlfd.engine.progress import log
+    from mlfd.presets import get_preset, preset_for_dataset
+    from mlfd.workspace import EXPERIMENT_FILE, Workspace
+
+    if preset and teachers:
+        raise MlfdError("give either --preset or --teacher, not both")
+    new = None
+    if preset:
+        new = get_preset(preset)
+    elif teachers:
+        entries = []
+        for t in teachers:
+            if "=" not in t:
+                raise MlfdError(f"--teacher {t!r}: expected DATASET=ARCH")
+            src, arch = (s.strip() for s in t.rsplit("=", 1))
+            entries.append(DatasetEntry(short_name(src), src, arch,
+                                        input_size or _default_size(arch)))
+        new = Experiment(preset="custom", datasets=entries)
+    else:
+        for d in datasets or []:
+            if d != "all" and (p := preset_for_dataset(d)):
+                new = get_preset(p)
+                break
+    if workdir is None:
+        if (Path.cwd() / EXPERIMENT_FILE).exists():
+            workdir = Path.cwd()
+        else:
+            workdir = Path("mlfd-runs") / (new.preset if new else "default")
+        log(f"[mlfd] workspace: {workdir.resolve()}")
+    if new is not None and seed is not None:
+        new.seed = seed
+    if new is not None and levels is not None:
+        new.levels = levels
+    exists = (Path(workdir) / EXPERIMENT_FILE).exists()
+    if exists and (preset or teachers):
+        current = Experiment.load(Path(workdir) / EXPERIMENT_FILE)
+        if [(d.source, d.arch) for d in current.datasets] != [(d.source, d.arch) for d in
+                                                              new.datasets]:
+            raise MlfdError(f"{workdir} already holds another experiment; edit "
+                            f"{workdir}/{EXPERIMENT_FILE} or choose another --workdir")
+    ws = Workspace.open(Path(workdir), new, data_root)
+    exp = ws.exp
+    if seed is not None:
+        exp.seed = seed
+    for cfg in (exp.teach, exp.fuse, exp.distill):
+        if epochs is not None:
+            if epochs < 1:
+                raise MlfdError(f"--epochs must be >= 1, got {epochs}")
+            cfg.epochs = epochs
+        if batch_size is not None:
+            if batch_size < 1:
+                raise MlfdError(f"--batch-size must be >= 1, got {batch_size}")
+            cfg.batch_size = batch_size
+        if lr is not None:
+            if lr <= 0:
+                raise MlfdError(f"--lr must be > 0, got {lr}")
+            cfg.lr = lr
+    return ws
+
+
+def _default_size(arch: str) -> int:
+    from mlfd.models.backbone import timm
+
+    if not timm.is_model(arch):
+        raise MlfdError(f"unknown timm architecture {arch!r} (see timm.list_models())")
+    return int(timm.get_pretrained_cfg(arch).input_size[-1]) if timm.get_pretrained_cfg(arch) \
+        else 224
+
+
+def _opts(device, pipeline="auto", loss_backend=None, force=False):
+    from mlfd.device import select_device
+    from mlfd.stages import RunOptions
+
+    return RunOptions(device=select_device(device), pipeline=pipeline, loss_backend=loss_backend,
+                      force=force)
+
+
+def _names(ws, datasets) -> list[str]:
+    if not datasets or "all" in datasets:
+        return ws.exp.names()
+    return [ws.exp.entry(d).name for d in datasets]
+
+
+def _levels(ws, levels) -> int:
+    k = ws.exp.levels if levels is None else levels
+    if k < 1:
+        raise MlfdError(f"--levels must be >= 1, got {k}")
+    return k
+
+
+def _emit(as_json: bool, doc: dict, rows: list[dict] | None = None) -> None:
+    from rich.console import Console
+
+    from mlfd.report import rich_table
+
+    if rows is not None:
+        Console(stderr=as_json).print(rich_table(rows))
+    if as_json:
+        sys.stdout.write(json.dumps(doc, default=str) + "\n")
+
+
+def _report(ws, opts) -> tuple[list[dict], dict]:
+    from mlfd.report import write_reports
+    from mlfd.stages import evaluate
+
+    rows = evaluate(ws, opts)
+    return rows, write_reports(ws, rows)
+
+
+@app.command()
+def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "auto",
+          seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
+          preset: Preset = None, teacher: Teacher = None, input_size: InputSize = None,
+          epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
+          pipeline: Pipeline = "auto", force: Force = False):
+    """Train the dataset-specific teachers (all, or those given with --dataset).
+
+    Example: mlfd teach --preset demo --dataset mnist-mini --epochs 2
+    """
+    from mlfd.stages import teach as run
+    from mlfd.stages.teach import teacher_done
+
+    ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
+               lr, None)
+    opts = _opts(device, pipeline, force=force)
+    results = {}
+    for name in _names(ws, dataset):
+        if teacher_done(ws, name) and not force:
+            from mlfd.engine.progress import log
+            log(f"[teach] {name}: already trained (use --force to retrain)")
+            continue
+        results[name] = run(ws, opts, name)
+    _emit(json_out, {"workdir": str(ws.root), "trained": results})
+
+
+@app.command()
+def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
+          seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
+          preset: Preset = None, dataset: Datasets = None, pipeline: Pipeline = "auto",
+          force: Force = False):
+    """Cache teacher embeddings at L_K for all datasets; then joint targets if `fuse` ran.
+
+    Example: mlfd cache --workdir runs/demo --levels 2
+    """
+    from mlfd.stages import cache_targets, cache_teachers
+    from mlfd.stages.cache import check_levels
+
+    ws = _open(workdir, dataset, preset, None, None, seed, data_root, None, None, None, levels)
+    opts = _opts(device, pipeline, force=force)
+    k = _levels(ws, levels)
+    check_levels(ws, k, opts.device)
+    done = {"teachers": cache_teachers(ws, opts, k), "targets": []}
+    if (ws.joint_dir(k) / "last.safetensors").exists():
+        done["targets"] = cache_targets(ws, opts, k)
+    _emit(json_out, {"workdir": str(ws.root), "levels": k, "written": done})
+
+
+@app.command()
+def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
+         seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
+         preset: Preset = None, epochs: Epochs = None, batch_size: BatchSize = None,
+         lr: Lr = None):
+    """Train the joint teacher on the cached teacher embeddings of all datasets.
+
+    Example: mlfd fuse --workdir runs/demo --levels 2 --epochs 10
+    """
+    from mlfd.stages import fuse as run
+
+    ws = _open(workdir, None, preset, None, None, seed, data_root, epochs, batch_size, lr, levels)
+    k = _levels(ws, levels)
+    res = run(ws, _opts(device), k)
+    _emit(json_out, {"workdir": str(ws.root), "levels": k, "metrics": res})
+
+
+@app.command()
+def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = None,
+            device: Device = "auto", seed: Seed = None, data_root: DataRoot = None,
+            json_out: Json = False, preset: Preset = None, teacher: Teacher = None,
+            input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
+            lr: Lr = None, pipeline: Pipeline = "auto", loss_backend: LossBackend = None,
+            force: Force = False):
+    """Distil students; first runs (and announces) any missing teach/cache/fuse step.
+
+    Examples:\n
+      mlfd distill --dataset fashion-mnist-mini --levels 2\n
+      mlfd distill --dataset all --levels 1 --workdir runs/demo\n
+      mlfd distill --teacher data/a.npz=resnet18 --teacher data/b=efficientnet_b0 --dataset a
+    """
+    from mlfd.stages import run_distill
+
+    ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
+               lr, levels)
+    opts = _opts(device, pipeline, loss_backend, force)
+    k = _levels(ws, levels)
+    steps = run_distill(ws, opts, _names(ws, dataset), k)
+    rows, reports = _report(ws, opts)
+    _emit(json_out, {"workdir": str(ws.root), "levels": k,
+                     "steps": [vars(s) for s in steps], "rows": rows, "reports": reports}, rows)
+
+
+@app.command("eval")
+def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot = None,
+          json_out: Json = False, pipeline: Pipeline = "auto"):
+    """Top-1/top-5 of every trained model and the paper-style comparison table.
+
+    Example: mlfd eval --workdir runs/demo --json
+    """
+    ws = _open(workdir, None, None, None, None, None, data_root, None, None, None, None)
+    rows, reports = _report(ws, _opts(device, pipeline))
+    _emit(json_out, {"workdir": str(ws.root), "rows": rows, "reports": reports}, rows)
+
+
+@app.command()
+def info(json_out: Json = False):
+    """Versions and which fast paths (CUDA, Triton kernel, DALI GPU) are active."""
+    from mlfd.info import collect
+
+    doc = collect()
+    if json_out:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="mlfd info", show_header=False)
+    for k, v in doc.items():
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except MlfdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: finished checkpoints and caches are kept", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad input: one line unless asked for the traceback
+        if os.environ.get("MLFD_DEBUG"):
+            raise
+        print(f"internal error: {e.__class__.__name__}: {e} (set MLFD_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
