@@ -180,6 +180,9 @@ def run_case(c, backends, device, timer, repeats, warmup, bw_copy):
                 step()
             timer.sync()
             if device.type == "cuda":
+                for x in [s, *us]:
+                    x.grad = None  # the measured step's own gradients count as extra
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 step()

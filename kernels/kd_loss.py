@@ -15,13 +15,16 @@ Design
   column stride per level (vectorised loads), and tile shapes can differ per level. A program
   finds its slot by comparing its id with the slots' cumulative tile counts. For K > 4 the
   host loops: further launches of the same kernel carry levels 5-8, 9-12, ... without logits.
+* Levels are viewed as (B, D_k) with ``reshape``; only where no strided 2-D view exists (e.g.
+  an NHWC map permuted to NCHW) does that copy, costing one B x D_k buffer for that input.
 * Logits: for C <= BLOCK_C the row block is loaded once and kept in registers; wider C uses
   two sweeps over column chunks (online max/sum-exp, then outputs), so any C works.
   Stats are kept for s, s/T (sharing max(s)) and t/T; each loss term is accumulated as
   ``sum_c w_c * (log z - (x_c - m))`` which stays accurate for logits of magnitude 1e4.
 * Gradients ``dL/ds`` and ``dL/du_k`` are written during forward in the input dtype (fp32
-  math throughout); ``backward`` only rescales them in place by the scalar grad_output.
-  Teacher inputs get no gradient.
+  math throughout); ``backward`` only rescales them in place by the scalar grad_output, so a
+  second backward through the same graph (retain_graph) is refused. Teacher inputs get no
+  gradient. Labels must be valid class indices (no ignore_index).
 * Determinism: no atomics. Every program writes its already-weighted partial sum into its
   own slot of a zeroed ``(n_terms, P)`` buffer; ``_finalize_kernel`` (one program) sums each
   row in a fixed order into the per-term values and the total, so reruns are bitwise equal.

@@ -171,11 +171,25 @@ class TorchPipeline:
         loader = torch.utils.data.DataLoader(
             ds, batch_sampler=batches, num_workers=self.num_workers,
             persistent_workers=False, pin_memory=self.device.type == "cuda")
-        for x, pos in loader:
+        for x, pos in _reraise_worker_errors(loader):
             pairs = self.order[pos.numpy()]
             idx = pairs[:, 0]
             yield Batch(x.to(self.device, non_blocking=True), self.labels[idx].to(self.device),
                         torch.from_numpy(idx), torch.from_numpy(pairs[:, 1]))
+
+
+def _reraise_worker_errors(loader):
+    """DataLoader workers wrap errors in their traceback text; keep the one-line reason."""
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except MlfdError as e:
+            last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1]
+            raise MlfdError(last.split("MlfdError: ", 1)[-1]) from None
+        yield item
 
 
 def decode_image(path: str) -> np.ndarray:
@@ -185,7 +199,7 @@ def decode_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im.convert("L") if im.mode in ("L", "1", "I;16", "I") else im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise MlfdError(f"cannot decode image {path}: {e.__class__.__name__}: {e}") from None
     return arr[:, :, None] if arr.ndim == 2 else arr

@@ -66,27 +66,29 @@ def fit(
             model.train()
             task = prog.add_task(f"  epoch {epoch + 1}", total=steps_per_epoch, items=0, info="",
                                  unit="img")
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             seen, t0 = 0, time.perf_counter()
-            for batch in batches(epoch):
+            for i, batch in enumerate(batches(epoch)):
                 with autocast(device):
                     loss, terms, n = step(batch)
-                if not torch.isfinite(loss):
-                    raise MlfdError(f"{title}: loss became {loss.item()} at epoch {epoch + 1}; "
-                                    "lower --lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 seen += n
                 for k, v in {"loss": loss.detach(), **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-                prog.update(task, advance=1, items=seen, info=f"loss {float(loss):.3f}")
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+                if i % 20 == 0 or i == steps_per_epoch - 1:  # sync only now and then
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise MlfdError(f"{title}: loss became {value} at epoch {epoch + 1}; "
+                                        "lower --lr")
+                    prog.update(task, completed=i + 1, items=seen, info=f"loss {value:.3f}")
             prog.remove_task(task)
             train_time = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                    "train_images_per_s": seen / max(train_time, 1e-9),
-                   **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
+                   **{f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()}}
             model.eval()
             with torch.no_grad(), autocast(device):
                 row.update(evaluate())

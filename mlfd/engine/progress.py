@@ -42,4 +42,4 @@ def progress() -> Progress:
 
 
 def log(msg: str) -> None:
-    console.print(msg, highlight=False)
+    console.print(msg, highlight=False, markup=False, soft_wrap=True)

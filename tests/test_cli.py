@@ -1,0 +1,184 @@
+"""The CLI end to end on tiny data and tiny models, and its answers to bad input."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from mlfd_cli.main import main
+
+
+def run(capsys, *args):
+    """Run `mlfd ARGS` in-process; returns (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["mlfd", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def make_npz(path, seed, classes=3, n_train=48, n_test=24, size=16, channels=1):
+    """Tiny learnable data: each class is a bright square at its own position."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        y = np.arange(n) % classes
+        x = rng.integers(0, 40, (n, size, size, channels), dtype=np.uint8)
+        for i, c in enumerate(y):
+            x[i, 2 + 3 * c: 6 + 3 * c, 2:8] = 220
+        return x, y.astype(np.int64)
+
+    xtr, ytr = draw(n_train)
+    xte, yte = draw(n_test)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+TINY = ["--input-size", 32, "--epochs", 1, "--batch-size", 16, "--device", "cpu",
+        "--pipeline", "torch"]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    a = make_npz(tmp_path / "alpha.npz", 0)
+    b = make_npz(tmp_path / "beta.npz", 1, classes=4, channels=3)
+    return tmp_path, a, b
+
+
+def test_end_to_end_and_eval_json(tiny, capsys):
+    tmp, a, b = tiny
+    w = tmp / "ws"
+    code, out, err = run(capsys, "distill", "--workdir", w, "--teacher", f"{a}=test_resnet",
+                         "--teacher", f"{b}=test_vit", "--dataset", "alpha", "--levels", 2,
+                         "--json", *TINY)
+    assert code == 0, err
+    doc = json.loads(out)  # stdout is exactly one JSON document; logs went to stderr
+    assert [s["verb"] for s in doc["steps"]] == ["teach", "teach", "cache", "fuse", "cache",
+                                                 "distill"]
+    assert "[plan]" in err
+    for stem in ("teachers/alpha/last", "teachers/beta/best", "joint/L2/last",
+                 "students/alpha/L2/last"):
+        assert (w / f"{stem}.safetensors").exists() and (w / f"{stem}.json").exists()
+    assert (w / "cache" / "teachers-L2.zarr" / "beta" / "test").is_dir()
+    assert (w / "reports" / "results.md").exists()
+    assert (w / "reports" / "curves-alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    code, out, err = run(capsys, "eval", "--workdir", w, "--json", "--device", "cpu",
+                         "--pipeline", "torch")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    kinds = {(r["dataset"], r["model"], r["levels"]) for r in rows}
+    assert {("alpha", "teacher", None), ("beta", "teacher", None), ("alpha", "joint", 2),
+            ("beta", "joint", 2), ("alpha", "student", 2)} <= kinds
+    for r in rows:
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0 and r["n"] == 24
+    # The exported student is a plain timm model.
+    import timm
+    from safetensors.torch import load_file
+
+    import mlfd  # noqa: F401
+
+    m = timm.create_model("test_resnet", num_classes=3)
+    m.load_state_dict(load_file(str(w / "students/alpha/L2/last.safetensors")))
+
+    # A second distill plans only the distillation: upstream artifacts are reused.
+    code, out, err = run(capsys, "distill", "--workdir", w, "--dataset", "alpha", "--json", *TINY)
+    assert code == 0, err
+    assert [s["verb"] for s in json.loads(out)["steps"]] == ["distill"]
+
+    # A checkpoint of another architecture is refused in one line.
+    exp = yaml.safe_load((w / "experiment.yaml").read_text())
+    exp["datasets"][0]["arch"] = "test_convnext"
+    (w / "experiment.yaml").write_text(yaml.safe_dump(exp))
+    code, out, err = run(capsys, "eval", "--workdir", w, "--device", "cpu", "--pipeline", "torch")
+    assert code != 0 and "test_resnet" in err and "Traceback" not in err
+
+
+def _bad(capsys, *args):
+    code, out, err = run(capsys, *args)
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_unknown_dataset(tmp_path, capsys):
+    msg = _bad(capsys, "distill", "--workdir", tmp_path / "w", "--teacher", "nosuchdata=test_vit",
+               "--teacher", "mnist-mini=test_vit", "--dataset", "nosuchdata", *TINY)
+    assert "nosuchdata" in msg
+
+
+def test_missing_path(tmp_path, capsys):
+    msg = _bad(capsys, "teach", "--workdir", tmp_path / "w", "--teacher",
+               f"{tmp_path}/missing.npz=test_vit", "--teacher", "mnist-mini=test_vit", *TINY)
+    assert "missing" in msg
+
+
+def test_no_experiment_yet(tmp_path, capsys):
+    msg = _bad(capsys, "eval", "--workdir", tmp_path / "empty")
+    assert "--preset" in msg
+
+
+@pytest.mark.parametrize("levels,expect", [(0, ">= 1"), (9, "outside")])
+def test_impossible_levels(tiny, capsys, levels, expect):
+    tmp, a, b = tiny
+    msg = _bad(capsys, "distill", "--workdir", tmp / "w", "--teacher", f"{a}=test_resnet",
+               "--teacher", f"{b}=test_convnext", "--levels", levels, *TINY)
+    assert expect in msg
+
+
+def test_unknown_architecture_and_preset(tiny, capsys):
+    tmp, a, b = tiny
+    msg = _bad(capsys, "teach", "--workdir", tmp / "w", "--teacher", f"{a}=resnet_unknown",
+               "--teacher", f"{b}=test_vit", *TINY)
+    assert "resnet_unknown" in msg
+    assert "preset" in _bad(capsys, "teach", "--workdir", tmp / "w2", "--preset", "paper-t9")
+
+
+def test_corrupt_image_names_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                arr = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+    bad = root / "train" / "dog" / "2.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    b = make_npz(tmp_path / "beta.npz", 1)
+    msg = _bad(capsys, "teach", "--workdir", tmp_path / "w", "--teacher", f"{root}=test_vit",
+               "--teacher", f"{b}=test_vit", "--dataset", "folder", *TINY)
+    assert "2.png" in msg
+
+
+def test_stale_cache_is_refused_by_fuse(tiny, capsys):
+    tmp, a, b = tiny
+    w = tmp / "ws"
+    args = ["--workdir", w, *TINY]
+    assert run(capsys, "teach", "--teacher", f"{a}=test_resnet", "--teacher",
+               f"{b}=test_convnext", *args)[0] == 0
+    assert run(capsys, "cache", "--workdir", w, "--levels", 1, "--device", "cpu",
+               "--pipeline", "torch")[0] == 0
+    # Retraining a teacher changes its checkpoint: the cache no longer matches.
+    assert run(capsys, "teach", "--dataset", "beta", "--force", "--seed", 5, *args)[0] == 0
+    msg = _bad(capsys, "fuse", "--workdir", w, "--levels", 1, "--device", "cpu", "--epochs", 1)
+    assert "teachers" in msg and "re-run `mlfd cache" in msg
+
+
+def test_info_json(capsys):
+    code, out, _ = run(capsys, "info", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["cuda"] is False and doc["triton_kernel_active"] is False
+    assert doc["torch"].startswith("2.")

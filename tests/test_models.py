@@ -1,0 +1,98 @@
+"""Level taps through timm's feature API, and the joint teacher's fusion shapes."""
+
+import pytest
+import torch
+
+import mlfd  # noqa: F401  (torchvision remedy before timm)
+from mlfd.errors import MlfdError
+from mlfd.models import JointTeacher, LevelBackbone, Student, create_backbone, level_shapes
+
+FAMILIES = [
+    ("test_resnet", {}),  # ResNet
+    ("test_efficientnet", {}),  # EfficientNet
+    ("test_convnext", {}),  # ConvNeXt
+    ("test_vit", {"img_size": 64}),  # Vision Transformer (tokens -> NCHW maps)
+]
+
+
+@pytest.mark.parametrize("arch,kw", FAMILIES)
+def test_level_taps_match_timm_outputs(arch, kw):
+    torch.manual_seed(0)
+    model = create_backbone(arch, 7, **kw).eval()
+    bb = LevelBackbone(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, embeds = bb(x, 3)
+        ref_logits = model(x)
+        ref_feats = model.forward_features(x)
+        ref_l1 = model.forward_head(ref_feats, pre_logits=True)
+        _, inter = model.forward_intermediates(x, output_fmt="NCHW")
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    assert torch.allclose(embeds[0], ref_l1, atol=1e-5)
+    # L2 is the last feature_info entry, L3 the one before, both NCHW.
+    chs = [f["num_chs"] for f in model.feature_info]
+    assert embeds[1].shape[:2] == (2, chs[-1]) and embeds[1].dim() == 4
+    assert embeds[2].shape[:2] == (2, chs[-2]) and embeds[2].dim() == 4
+    assert torch.allclose(embeds[1], inter[-1], atol=1e-5)
+    assert torch.allclose(embeds[2], inter[-2], atol=1e-5)
+    red = model.feature_info[-1]["reduction"]
+    assert embeds[1].shape[-2:] == (64 // red, 64 // red)
+
+
+def test_vit_maps_are_token_grids():
+    bb = LevelBackbone(create_backbone("test_vit", 5, img_size=64))
+    shapes = level_shapes(bb, 64, 2)
+    # patch 16 at 64 px: a 4x4 grid of 64-d tokens; L1 is the pooled 64-d vector.
+    assert shapes == [(64,), (64, 4, 4)]
+
+
+def test_levels_outside_range_are_refused():
+    bb = LevelBackbone(create_backbone("test_convnext", 3))
+    assert bb.max_levels == 1 + len(bb.model.feature_info)
+    with pytest.raises(MlfdError, match="outside 1..5"):
+        bb.check_levels(6)
+    with pytest.raises(MlfdError):
+        bb.check_levels(0)
+
+
+def _shapes(levels):
+    nets = [("test_efficientnet", {}), ("test_convnext", {}), ("test_vit", {"img_size": 64})]
+    return [level_shapes(LevelBackbone(create_backbone(a, 4, **kw)), 64, levels) for a, kw in nets]
+
+
+@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_joint_teacher_any_m_and_sizes(m, levels):
+    shapes = _shapes(levels)[:m]
+    joint = JointTeacher(shapes, [4, 6, 9][:m], levels, width=16, embed_dim=24, dropout=0.5)
+    feats = [torch.randn(5, *s[levels - 1], requires_grad=True) for s in shapes]
+    out = joint(feats)
+    assert len(out) == levels
+    assert out[0].shape == (5, 24)
+    for k in range(1, levels):
+        # Common size per level: the smallest teacher map at that level.
+        h = min(s[k][1] for s in shapes)
+        w = min(s[k][2] for s in shapes)
+        assert out[k].shape == (5, 16, h, w)
+        assert joint.embed_shapes[k] == (16, h, w)
+    for d, c in enumerate([4, 6, 9][:m]):
+        assert joint.logits(out[0], d).shape == (5, c)
+    joint.logits(out[0], m - 1).sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
+
+
+def test_joint_teacher_needs_two_teachers():
+    with pytest.raises(MlfdError):
+        JointTeacher(_shapes(2)[:1], [4], 2)
+
+
+def test_student_adaptors_map_into_teacher_space_and_drop_at_export():
+    bb = LevelBackbone(create_backbone("test_resnet", 5))
+    s_shapes = level_shapes(bb, 64, 2)  # [(96,), (96, 2, 2)]
+    student = Student(bb, s_shapes, [(24,), (16, 1, 1)])
+    logits, embeds = student(torch.randn(3, 3, 64, 64))
+    assert logits.shape == (3, 5)
+    assert embeds[0].shape == (3, 24) and embeds[1].shape == (3, 16, 1, 1)
+    # The exported weights are exactly the plain timm model's.
+    plain = create_backbone("test_resnet", 5)
+    plain.load_state_dict(student.backbone.model.state_dict(), strict=True)
