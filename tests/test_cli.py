@@ -182,3 +182,29 @@ def test_info_json(capsys):
     doc = json.loads(out)
     assert code == 0 and doc["cuda"] is False and doc["triton_kernel_active"] is False
     assert doc["torch"].startswith("2.")
+
+
+@pytest.mark.parametrize("pipeline,backend", [("dali", "torch"), ("torch", "triton")])
+def test_distill_through_dali_cpu_and_the_triton_kernel(tiny, capsys, pipeline, backend):
+    """Every stage through DALI's CPU mode; the distill stage through the fused kernel
+    (run by Triton's interpreter here, see conftest.py)."""
+    if pipeline == "dali":
+        pytest.importorskip("nvidia.dali")
+    tmp, a, b = tiny
+    w = tmp / "ws"
+    args = [str(x) for x in TINY]
+    args[args.index("--pipeline") + 1] = pipeline
+    code, out, err = run(capsys, "distill", "--workdir", w, "--teacher", f"{a}=test_resnet",
+                         "--teacher", f"{b}=test_convnext", "--dataset", "beta", "--levels", 2,
+                         "--loss-backend", backend, "--json", *args)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert f"loss backend {backend}" in err
+    meta = json.loads((w / "students/beta/L2/last.json").read_text())
+    assert meta["loss_backend"] == backend
+    # The distillation loss terms were logged and add up to the total.
+    lines = (w / "students/beta/L2/metrics.jsonl").read_text().splitlines()
+    row = json.loads(lines[-1])
+    parts = row["train_ce"] + row["train_kd"] + row["train_mse_L1"] + row["train_mse_L2"]
+    assert parts == pytest.approx(row["train_loss"], rel=1e-4)
+    assert any(r["model"] == "student" for r in doc["rows"])
