@@ -206,15 +206,11 @@ def run_case(c, backends, device, timer, repeats, warmup, bw_copy):
 
 
 def machine_info(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import os
+
+    from mlfd.info import cpu_model
+
+    cpu = cpu_model()
 
     info = dict(device=device.type, cpu=cpu, cpu_count=os.cpu_count())
     if hasattr(os, "getloadavg"):  # other work on the machine makes timings noisy

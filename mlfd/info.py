@@ -13,6 +13,18 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (bench results and `mlfd info` name their machine)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def collect() -> dict:
     import torch
 
@@ -26,6 +38,7 @@ def collect() -> dict:
     return {
         "mlfd": __version__,
         "python": platform.python_version(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "timm": _version("timm"),
         "triton": _version("triton"),

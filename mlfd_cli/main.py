@@ -198,7 +198,7 @@ def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto
     ws = _open(workdir, dataset, preset, None, None, seed, data_root, None, None, None, levels)
     opts = _opts(device, pipeline, force=force)
     k = _levels(ws, levels)
-    check_levels(ws, k, opts.device)
+    check_levels(ws, k)
     done = {"teachers": cache_teachers(ws, opts, k), "targets": []}
     if (ws.joint_dir(k) / "last.safetensors").exists():
         done["targets"] = cache_targets(ws, opts, k)

@@ -345,9 +345,17 @@ def _find_idx_files(folder: Path) -> dict[str, tuple[Path, Path]] | None:
     return found
 
 
-def _download_idx(folder: Path, mirrors: list[str], md5s: dict[str, str]) -> None:
-    for filename, md5 in md5s.items():
-        dl.download_first([m + filename for m in mirrors], folder / filename, md5=md5)
+def _idx_files_or_download(name: str, folder: Path, mirrors: list[str], md5s: dict[str, str],
+                           download: bool, expected: str) -> dict[str, tuple[Path, Path]]:
+    """The four IDX files in ``folder``, downloaded (md5-checked) first when absent."""
+    files = _find_idx_files(folder)
+    if files is None and download:
+        for filename, md5 in md5s.items():
+            dl.download_first([m + filename for m in mirrors], folder / filename, md5=md5)
+        files = _find_idx_files(folder)
+    if files is None:
+        raise _not_found(name, folder, expected, True)
+    return files
 
 
 def _idx_dataset(name: str, folder: Path, files: dict, meta: dict) -> Dataset:
@@ -398,28 +406,20 @@ def _mnist(root: Path, download: bool) -> Dataset:
                 fingerprinter=_files_fingerprint("mnist:pickle", [pickled]),
                 **_MNIST_META,
             )
-    files = _find_idx_files(folder)
-    if files is None and download:
-        _download_idx(folder, MNIST_MIRRORS, MNIST_MD5)
-        files = _find_idx_files(folder)
-    if files is None:
-        raise _not_found(
-            "mnist", folder, "mnist.pkl.gz or train/t10k-{images-idx3,labels-idx1}-ubyte[.gz]", True
-        )
+    files = _idx_files_or_download(
+        "mnist", folder, MNIST_MIRRORS, MNIST_MD5, download,
+        "mnist.pkl.gz or train/t10k-{images-idx3,labels-idx1}-ubyte[.gz]",
+    )
     return _idx_dataset("mnist", folder, files, _MNIST_META)
 
 
 @register_dataset("fashion-mnist")
 def _fashion(root: Path, download: bool) -> Dataset:
     folder = root / "fashion-mnist"
-    files = _find_idx_files(folder)
-    if files is None and download:
-        _download_idx(folder, FASHION_MIRRORS, FASHION_MD5)
-        files = _find_idx_files(folder)
-    if files is None:
-        raise _not_found(
-            "fashion-mnist", folder, "train/t10k-{images-idx3,labels-idx1}-ubyte[.gz]", True
-        )
+    files = _idx_files_or_download(
+        "fashion-mnist", folder, FASHION_MIRRORS, FASHION_MD5, download,
+        "train/t10k-{images-idx3,labels-idx1}-ubyte[.gz]",
+    )
     meta = {
         "classes": FASHION_CLASSES,
         "mean": (0.2860,),

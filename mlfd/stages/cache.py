@@ -62,7 +62,7 @@ def target_group(ws: Workspace, levels: int, data_name: str) -> CacheGroup:
                       target_fingerprint(ws, levels, data_name))
 
 
-def check_levels(ws: Workspace, levels: int, device) -> list[list[tuple[int, ...]]]:
+def check_levels(ws: Workspace, levels: int) -> list[list[tuple[int, ...]]]:
     """Per-teacher shapes of L1..LK, with a clear error if a teacher lacks level K."""
     from ..models import build_level_backbone
 

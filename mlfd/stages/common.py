@@ -83,12 +83,8 @@ def load_teacher(ws: Workspace, name: str, device: torch.device):
                         f"experiment says {entry.arch}: re-run `mlfd teach --dataset {name} --force`")
     model = build_level_backbone(entry, dataset_of(ws, name).num_classes)
     load_into(model.model, stem, f"{entry.arch} teacher of {name}")
-    model.to(opts_device(device)).eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     return model, meta
-
-
-def opts_device(device) -> torch.device:
-    return device if isinstance(device, torch.device) else torch.device(device)
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
 
 def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int) -> list[Step]:
     """The one-liner: announce the plan, run each step, return what ran."""
-    check_levels(ws, levels, opts.device)
+    check_levels(ws, levels)
     steps = plan_distill(ws, names, levels, opts.force)
     log(f"[plan] workspace {ws.root} — {len(steps)} step(s):")
     for i, s in enumerate(steps, 1):
