@@ -14,6 +14,8 @@ from .workspace import Workspace
 def _label(r: dict) -> str:
     if r["model"] == "teacher":
         return f"dataset-specific teacher ({r['arch']})"
+    if r["model"] in ("multi-head", "joint-head"):
+        return f"{r['model']} baseline ({r['arch']})"
     if r["model"] == "joint":
         return f"joint teacher L{r['levels']}"
     return f"student L{r['levels']} ({r['arch']})"

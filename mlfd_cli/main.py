@@ -162,17 +162,30 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
           seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
           preset: Preset = None, teacher: Teacher = None, input_size: InputSize = None,
           epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
-          pipeline: Pipeline = "auto", force: Force = False):
+          pipeline: Pipeline = "auto", force: Force = False,
+          baseline: Annotated[str | None, typer.Option(
+              "--baseline", help="multi-head | joint-head: train a multi-dataset baseline "
+                                 "instead of the teachers.")] = None,
+          arch: Annotated[str | None, typer.Option(
+              "--arch", help="Architecture of the --baseline (default: the first teacher's).")]
+          = None):
     """Train the dataset-specific teachers (all, or those given with --dataset).
 
-    Example: mlfd teach --preset demo --dataset mnist-mini --epochs 2
+    Examples:\n
+      mlfd teach --preset demo --dataset mnist-mini --epochs 2\n
+      mlfd teach --workdir runs/demo --baseline joint-head --arch test_convnext
     """
     from mlfd.stages import teach as run
+    from mlfd.stages.baselines import train_baseline
     from mlfd.stages.teach import teacher_done
 
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
                lr, None)
     opts = _opts(device, pipeline, force=force)
+    if baseline:
+        res = train_baseline(ws, opts, baseline, arch, input_size)
+        _emit(json_out, {"workdir": str(ws.root), "baseline": baseline, "metrics": res})
+        return
     results = {}
     for name in _names(ws, dataset):
         if teacher_done(ws, name) and not force:

@@ -212,3 +212,29 @@ def test_distill_through_dali_cpu_and_the_triton_kernel(tiny, capsys, pipeline, 
     parts = row["train_ce"] + row["train_kd"] + row["train_mse_L1"] + row["train_mse_L2"]
     assert parts == pytest.approx(row["train_loss"], rel=1e-4)
     assert any(r["model"] == "student" for r in doc["rows"])
+
+
+@pytest.mark.parametrize("kind", ["multi-head", "joint-head"])
+def test_multi_dataset_baselines(tiny, capsys, kind):
+    tmp, a, b = tiny
+    w = tmp / "ws"
+    code, out, err = run(capsys, "teach", "--workdir", w, "--teacher", f"{a}=test_resnet",
+                         "--teacher", f"{b}=test_vit", "--baseline", kind, "--arch",
+                         "test_convnext", "--json", *TINY)
+    assert code == 0, err
+    metrics = json.loads(out)["metrics"]
+    code, out, err = run(capsys, "eval", "--workdir", w, "--json", "--device", "cpu",
+                         "--pipeline", "torch")
+    rows = [r for r in json.loads(out)["rows"] if r["model"] == kind]
+    assert code == 0 and [r["dataset"] for r in rows] == ["alpha", "beta"]
+    # eval recomputes what training measured on the same (deterministic) test pass
+    for r in rows:
+        assert r["top1"] == pytest.approx(metrics[f"{r['dataset']}/top1"])
+        assert r["arch"] == "test_convnext" and r["n"] == 24
+    from safetensors.torch import load_file
+
+    heads = load_file(str(w / f"baselines/{kind}-test_convnext/last.safetensors"))
+    if kind == "joint-head":  # one head over the union of the 3 + 4 classes
+        assert heads["heads.0.weight"].shape[0] == 7 and "heads.1.weight" not in heads
+    else:  # one head per dataset
+        assert heads["heads.0.weight"].shape[0] == 3 and heads["heads.1.weight"].shape[0] == 4

@@ -96,3 +96,16 @@ def test_student_adaptors_map_into_teacher_space_and_drop_at_export():
     # The exported weights are exactly the plain timm model's.
     plain = create_backbone("test_resnet", 5)
     plain.load_state_dict(student.backbone.model.state_dict(), strict=True)
+
+
+def test_joint_head_baseline_predicts_over_the_union():
+    from mlfd.stages.baselines import MultiDatasetModel
+
+    m = MultiDatasetModel("test_resnet", [3, 4], "joint-head")
+    union = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 9.0, 0.0]])  # best: dataset 1, class 2
+    m.forward = lambda x, d: union
+    assert m.dataset_logits(None, 1).argmax(1).item() == 2
+    assert m.dataset_logits(None, 1)[0, :4].tolist() == [0.0, 0.0, 9.0, 0.0]
+    # For dataset 0 the winner is another dataset's class: never a correct prediction.
+    assert m.dataset_logits(None, 0).argmax(1).item() == 5
+    assert m.target(torch.tensor([2]), 1).item() == 5

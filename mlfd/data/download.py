@@ -8,7 +8,8 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 
 from mlfd.errors import DatasetNotFound, MlfdError
 
@@ -113,13 +114,54 @@ def extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return dest
 
 
+def _check_zip_member(info: zipfile.ZipInfo, dest: Path) -> None:
+    name = info.filename.replace("\\", "/")
+    # zipfile.extractall would silently strip '..' and leading '/'; a crafted name is refused.
+    if name.startswith("/") or ".." in PurePosixPath(name).parts or ":" in name.split("/")[0]:
+        raise MlfdError(f"unsafe path in archive: {info.filename!r} escapes {dest}")
+    if not (dest / name).resolve().is_relative_to(dest):
+        raise MlfdError(f"unsafe path in archive: {info.filename!r} escapes {dest}")
+    if (info.external_attr >> 16) & 0o170000 == 0o120000:  # Unix symlink bit in the mode
+        raise MlfdError(f"unsupported archive member {info.filename!r} (links refused)")
+
+
+def extract_zip(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Extract a zip into ``dest``, refusing absolute/.. paths and symlinks."""
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for info in members:
+                _check_zip_member(info, dest)
+            zf.extractall(dest, members=members)
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise MlfdError(f"cannot extract {archive}: {exc}") from None
+    return dest
+
+
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A .zip (by name: a tar can embed zip-like bytes) or a (compressed) tar."""
+    if os.fspath(archive).lower().endswith(".zip"):
+        return extract_zip(archive, dest)
+    return extract_tar(archive, dest)
+
+
 def fetch_and_extract(
     url: str, archive: Path, dest: Path, md5: str | None = None, sha256: str | None = None
 ) -> None:
     """Download an archive, extract it, then drop the archive to save space."""
     download_file(url, archive, md5=md5, sha256=sha256)
-    extract_tar(archive, dest)
+    extract_archive(archive, dest)
     archive.unlink(missing_ok=True)
 
 
-__all__ = ["download_file", "download_first", "extract_tar", "fetch_and_extract", "file_matches"]
+__all__ = [
+    "download_file",
+    "download_first",
+    "extract_archive",
+    "extract_tar",
+    "extract_zip",
+    "fetch_and_extract",
+    "file_matches",
+]

@@ -7,11 +7,13 @@ malformed, so the registry can pass the message straight to the user.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -334,6 +336,163 @@ def list_image_folder(folder: str | os.PathLike) -> tuple[list[str], list[str], 
             f"no images found in {folder} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
         )
     return classes, files, np.asarray(labels, np.int64)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _read_text_lines(path: Path) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetNotFound(f"dataset file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetNotFound(f"cannot read {path}: {exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- Tiny ImageNet
+
+
+def read_wnids(path: str | os.PathLike) -> list[str]:
+    """``wnids.txt`` (one WordNet id a line) -> the sorted ids, which fix the label order."""
+    wnids = sorted(set(_read_text_lines(Path(path))))
+    if not wnids:
+        raise DatasetNotFound(f"malformed {path}: no WordNet ids")
+    return wnids
+
+
+def read_words(path: str | os.PathLike) -> dict[str, str]:
+    """``words.txt`` (``wnid<TAB>names``) -> {wnid: names}; an absent file gives {}."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    words = {}
+    for line in _read_text_lines(path):
+        wnid, _, names = line.partition("\t")
+        if names.strip():
+            words[wnid.strip()] = names.strip()
+    return words
+
+
+def list_tinyimagenet_train(
+    train_dir: str | os.PathLike, wnids: list[str]
+) -> tuple[list[str], np.ndarray]:
+    """``train/<wnid>/images/*`` for each wnid (label = its index) -> (files, labels)."""
+    train_dir = Path(train_dir)
+    files, labels = [], []
+    for index, wnid in enumerate(wnids):
+        folder = train_dir / wnid / "images"
+        found = sorted(f for f in folder.glob("*") if _is_image(f)) if folder.is_dir() else []
+        if not found:
+            raise DatasetNotFound(f"no training images for class {wnid}: looked in {folder}")
+        files.extend(str(f.resolve()) for f in found)
+        labels.extend([index] * len(found))
+    return files, np.asarray(labels, np.int64)
+
+
+def read_tinyimagenet_val(
+    val_dir: str | os.PathLike, wnids: list[str]
+) -> tuple[list[str], np.ndarray]:
+    """``val/images/*`` labelled by ``val/val_annotations.txt`` (file, wnid, bbox...).
+
+    Sorted by file name so the split does not depend on the annotation file's row order.
+    """
+    val_dir = Path(val_dir)
+    annotations = val_dir / "val_annotations.txt"
+    index = {w: i for i, w in enumerate(wnids)}
+    images = val_dir / "images"
+    # One listing instead of a stat per row (10,000 rows in the real set).
+    present = {f.name for f in images.glob("*")} if images.is_dir() else set()
+    rows = {}
+    for number, line in enumerate(_read_text_lines(annotations), 1):
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise DatasetNotFound(f"malformed {annotations} line {number}: expected file<TAB>wnid")
+        name, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in index:
+            raise DatasetNotFound(
+                f"malformed {annotations} line {number}: {wnid!r} is not in wnids.txt"
+            )
+        if name not in present:
+            raise DatasetNotFound(f"validation image missing: {images / name}")
+        rows[name] = index[wnid]
+    if not rows:
+        raise DatasetNotFound(f"malformed {annotations}: no annotations")
+    names = sorted(rows)
+    files = [str((images / n).resolve()) for n in names]
+    return files, np.asarray([rows[n] for n in names], np.int64)
+
+
+# ----------------------------------------------------------------------------- CSV lists
+
+CSV_SPLITS = ("train", "val", "test")
+
+
+def read_csv_list(
+    path: str | os.PathLike, need_split: bool
+) -> list[tuple[int, str, str, str | None]]:
+    """A ``path,label[,split]`` CSV -> [(line, absolute file, label text, split or None)].
+
+    Relative paths resolve against the CSV's folder; every file must exist (the first missing
+    one is named). Extra columns are ignored; column names are matched case-insensitively.
+    """
+    path = Path(path).resolve()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows = [(reader.line_num, row) for row in reader]
+    except FileNotFoundError:
+        raise DatasetNotFound(f"dataset file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetNotFound(f"cannot read CSV {path}: {exc}") from None
+    columns = [c.strip().lower() for c in header or []]
+    wanted = ["path", "label"] + (["split"] if need_split else [])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise DatasetNotFound(
+            f"malformed CSV {path}: header lacks column(s) {', '.join(missing)} "
+            f"(expected a header with {','.join(wanted)}; found {','.join(columns) or 'nothing'})"
+        )
+    at = {c: columns.index(c) for c in wanted}
+    out = []
+    for line, row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(at.values()):
+            raise DatasetNotFound(f"malformed CSV {path} line {line}: too few fields")
+        file, label = row[at["path"]].strip(), row[at["label"]].strip()
+        if not file or not label:
+            raise DatasetNotFound(f"malformed CSV {path} line {line}: empty path or label")
+        split = None
+        if need_split:
+            split = row[at["split"]].strip().lower()
+            if split not in CSV_SPLITS:
+                raise DatasetNotFound(
+                    f"malformed CSV {path} line {line}: unknown split {row[at['split']]!r} "
+                    f"(expected {', '.join(CSV_SPLITS)})"
+                )
+        full = Path(file).expanduser()
+        full = full if full.is_absolute() else path.parent / full
+        if not full.is_file():
+            raise DatasetNotFound(f"image listed in {path} line {line} not found: {full}")
+        out.append((line, str(full.resolve()), label, split))
+    return out
+
+
+def csv_labels(label_texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Label texts -> (class names, indices): all-integer labels are used as indices,
+    anything else is a class name, numbered in sorted order."""
+    if label_texts and all(re.fullmatch(r"[+-]?[0-9]+", t) for t in label_texts):
+        values = np.asarray([int(t) for t in label_texts], np.int64)
+        if values.min() < 0:
+            raise DatasetNotFound(f"negative class index {int(values.min())} in the labels")
+        return [str(i) for i in range(int(values.max()) + 1)], values
+    classes = sorted(set(label_texts))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, np.asarray([index[t] for t in label_texts], np.int64)
 
 
 # ----------------------------------------------------------------------------- dedupe + split

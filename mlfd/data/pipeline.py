@@ -7,20 +7,62 @@ plugs in beside it through :func:`build_pipeline`):
   (M, 2) int64 array of (sample index, view id) pairs, a batch size, the view seed and
   :class:`~mlfd.data.views.ViewConfig`, and a device;
 * ``len(p)`` is the number of batches; iterating yields :class:`Batch` objects that
-  cover the pairs in order, the last batch possibly partial.
+  cover the pairs in order, the last batch possibly partial;
+* optional ``auto_augment`` (``None`` or ``"imagenet"``), the same in every backend.
+
+AutoAugment (ImageNet policy, the 25 sub-policies of Cubuk et al. 2019): applied only
+to samples whose view id is > 0 (view 0, the clean eval view, keeps exactly the pixels
+it has without it). Order, in every backend: replayable geometry (crop, resize, flip)
+-> round to uint8 -> AutoAugment -> channel matching -> normalisation. Geometric ops
+fill with grey 128, resample bilinearly, and translate by at most 150/331 of the
+output size (torchvision's ImageNet ranges). A grayscale source is augmented as
+grayscale (DALI: replicated to RGB for its colour ops and read back from one channel;
+every op treats equal channels alike).
+
+AutoAugment is random and NOT replayable across backends or runs of the other
+backend: it is meant for teacher training ("fresh" views) and must not be used where
+the pixels have to match cached targets (distillation against a cache, cache filling).
+Seeding: the torch backend draws each sample's ops from torch's CPU generator
+reseeded per sample from (seed, index, view) inside ``torch.random.fork_rng``
+(torchvision's ``v2.AutoAugment`` takes no ``torch.Generator``), so it repeats run to
+run and leaves the global RNG untouched; the DALI backend seeds its pipeline from
+(seed, first view id of the order), so each "fresh" epoch draws a new sequence, but
+the draws depend on batch position, not on the sample.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import MlfdError
-from .views import ViewConfig, view_params
+from .views import ViewConfig, counter_uniform, view_params
+
+AUTO_AUGMENT_POLICIES = ("imagenet",)
+# counter_uniform stream for AutoAugment seeds (views use 0-4, view choice 101).
+AUTO_AUGMENT_STREAM = 202
+AUTO_AUGMENT_FILL = 128  # grey, as the AutoAugment reference implementation pads
+AUTO_AUGMENT_TRANSLATE = 150.0 / 331.0  # torchvision's ImageNet translate range
+
+
+def check_auto_augment(policy: str | None) -> str | None:
+    """The canonical policy name, or None; anything else is a one-line MlfdError."""
+    if policy is None:
+        return None
+    name = policy.lower() if isinstance(policy, str) else policy
+    if name not in AUTO_AUGMENT_POLICIES:
+        raise MlfdError(f"unknown auto_augment policy {policy!r}: choose imagenet or leave it off")
+    return name
+
+
+def check_auto_augment_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise MlfdError(f"auto_augment needs 1- or 3-channel images, got {channels} channels")
 
 
 @dataclass(frozen=True)
@@ -53,12 +95,14 @@ def render(
     images: torch.Tensor,
     y0, x0, h, w, flip,
     spec: InputSpec,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Crop boxes -> bilinear resize to spec.size -> flip -> channels -> normalise.
+    """Crop boxes -> bilinear resize to spec.size -> flip -> [augment] -> channels -> normalise.
 
     ``images`` is uint8 (B, H, W, C); box arrays are per sample in source pixels.
     One batched ``grid_sample`` does crop, resize and flip (see views.py for the
-    sampling convention it implements).
+    sampling convention it implements). ``augment`` maps the resampled (B, C, H, W)
+    float batch in [0, 1] to another (see :func:`auto_augment_views`).
     """
     B, H, W, C = images.shape
     dev = images.device
@@ -74,11 +118,54 @@ def render(
     grid = F.affine_grid(theta.float(), [B, C, out_h, out_w], align_corners=False)
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if augment is not None:
+        x = augment(x)
     x = match_channels(x, spec.channels)
     mean, std = _stats(spec, x.shape[1], dev)
     x = (x - mean) / std
     if spec.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+_AUTO_AUGMENT_OPS: dict[str, Callable] = {}
+
+
+def _auto_augment_op(policy: str):
+    """One torchvision transform per policy and process (DataLoader workers build their own)."""
+    op = _AUTO_AUGMENT_OPS.get(policy)
+    if op is None:
+        from torchvision.transforms import v2  # after mlfd's torchvision shim (package import)
+
+        assert policy == "imagenet"
+        op = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET,
+                            interpolation=v2.InterpolationMode.BILINEAR, fill=AUTO_AUGMENT_FILL)
+        _AUTO_AUGMENT_OPS[policy] = op
+    return op
+
+
+def auto_augment_views(x: torch.Tensor, *, policy: str, seed: int, index: np.ndarray,
+                       view: np.ndarray) -> torch.Tensor:
+    """AutoAugment the rows of a resampled batch whose view id is > 0.
+
+    ``x`` is float (B, C, H, W) in [0, 1]; augmented rows are rounded to uint8 (the
+    policy's ops are defined on 8-bit images) and come back as float in [0, 1]; rows of
+    view 0 are returned untouched. Per-sample seeds make the draws repeatable in this
+    backend without disturbing the caller's RNG stream.
+    """
+    rows = np.flatnonzero(np.asarray(view) > 0)
+    if len(rows) == 0:
+        return x
+    check_auto_augment_channels(x.shape[1])
+    op = _auto_augment_op(policy)
+    u = counter_uniform(seed, np.asarray(index)[rows], np.asarray(view)[rows], AUTO_AUGMENT_STREAM)
+    seeds = (u * float(1 << 53)).astype(np.int64)
+    x = x.clone()
+    with torch.random.fork_rng(devices=[]):  # v2.AutoAugment draws from the CPU generator
+        for r, s in zip(rows.tolist(), seeds.tolist()):
+            torch.default_generator.manual_seed(s)  # not torch.manual_seed: leave CUDA's alone
+            u8 = x[r].mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+            x[r] = op(u8).float().div_(255.0)
     return x
 
 
@@ -130,9 +217,11 @@ class TorchPipeline:
 
     def __init__(self, split, spec: InputSpec, order: np.ndarray, batch_size: int, *,
                  seed: int = 0, view_cfg: ViewConfig | None = None,
-                 device: torch.device | str = "cpu", num_workers: int | None = None):
+                 device: torch.device | str = "cpu", num_workers: int | None = None,
+                 auto_augment: str | None = None):
         if batch_size < 1:
             raise MlfdError(f"batch size must be >= 1, got {batch_size}")
+        self.auto_augment = check_auto_augment(auto_augment)
         self.split, self.spec, self.order = split, spec, np.asarray(order, dtype=np.int64)
         self.batch_size, self.seed = batch_size, seed
         self.view_cfg = view_cfg or ViewConfig()
@@ -160,12 +249,14 @@ class TorchPipeline:
             idx, view = pairs[:, 0], pairs[:, 1]
             p = view_params(self.seed, idx, view, H, W, self.view_cfg)
             sel = torch.from_numpy(idx).to(self.device)
-            x = render(data.index_select(0, sel), p.y0, p.x0, p.h, p.w, p.flip, self.spec)
+            x = render(data.index_select(0, sel), p.y0, p.x0, p.h, p.w, p.flip, self.spec,
+                       _augmenter(self.auto_augment, self.seed, idx, view))
             yield Batch(x, self.labels[idx].to(self.device), torch.from_numpy(idx),
                         torch.from_numpy(view))
 
     def _iter_files(self):
-        ds = _FileViews(self.split.files, self.order, self.seed, self.view_cfg, self.spec)
+        ds = _FileViews(self.split.files, self.order, self.seed, self.view_cfg, self.spec,
+                        self.auto_augment)
         batches = [list(range(s, min(s + self.batch_size, len(self.order))))
                    for s in range(0, len(self.order), self.batch_size)]
         loader = torch.utils.data.DataLoader(
@@ -176,6 +267,12 @@ class TorchPipeline:
             idx = pairs[:, 0]
             yield Batch(x.to(self.device, non_blocking=True), self.labels[idx].to(self.device),
                         torch.from_numpy(idx), torch.from_numpy(pairs[:, 1]))
+
+
+def _augmenter(policy: str | None, seed: int, index: np.ndarray, view: np.ndarray):
+    if policy is None:
+        return None
+    return partial(auto_augment_views, policy=policy, seed=seed, index=index, view=view)
 
 
 def _reraise_worker_errors(loader):
@@ -206,9 +303,9 @@ def decode_image(path: str) -> np.ndarray:
 
 
 class _FileViews(torch.utils.data.Dataset):
-    def __init__(self, files, order, seed, view_cfg, spec):
+    def __init__(self, files, order, seed, view_cfg, spec, auto_augment=None):
         self.files, self.order, self.seed = files, order, seed
-        self.view_cfg, self.spec = view_cfg, spec
+        self.view_cfg, self.spec, self.auto_augment = view_cfg, spec, auto_augment
 
     def __len__(self):
         return len(self.order)
@@ -218,7 +315,8 @@ class _FileViews(torch.utils.data.Dataset):
         img = decode_image(self.files[idx])
         p = view_params(self.seed, np.array([idx]), np.array([view]), img.shape[0], img.shape[1],
                         self.view_cfg)
-        x = render(torch.from_numpy(img)[None], p.y0, p.x0, p.h, p.w, p.flip, self.spec)
+        x = render(torch.from_numpy(img)[None], p.y0, p.x0, p.h, p.w, p.flip, self.spec,
+                   _augmenter(self.auto_augment, self.seed, np.array([idx]), np.array([view])))
         return x[0], pos
 
 
@@ -234,8 +332,14 @@ def dali_available() -> bool:
 
 
 def build_pipeline(split, spec: InputSpec, order: np.ndarray, batch_size: int, *, backend: str = "auto",
-                   seed: int = 0, view_cfg: ViewConfig | None = None, device="cpu", **kw):
-    """The pipeline seam: ``auto`` prefers DALI where it imports, else torch."""
+                   seed: int = 0, view_cfg: ViewConfig | None = None, device="cpu",
+                   auto_augment: str | None = None, **kw):
+    """The pipeline seam: ``auto`` prefers DALI where it imports, else torch.
+
+    ``auto_augment`` (None or "imagenet") is passed to the backend; see the module
+    docstring for where it applies and why it is for teacher training only.
+    """
+    auto_augment = check_auto_augment(auto_augment)  # fail before importing a backend
     backend = (backend or "auto").lower()
     if backend == "auto":
         backend = "dali" if "dali" in PIPELINES or dali_available() else "torch"
@@ -243,5 +347,7 @@ def build_pipeline(split, spec: InputSpec, order: np.ndarray, batch_size: int, *
         raise MlfdError("--pipeline dali: nvidia-dali is not importable here; use --pipeline torch")
     if backend not in PIPELINES:
         raise MlfdError(f"unknown pipeline {backend!r}: choose auto, dali or torch")
+    if auto_augment is not None:
+        kw["auto_augment"] = auto_augment  # None is not passed: third-party backends stay valid
     return PIPELINES[backend](split, spec, order, batch_size, seed=seed, view_cfg=view_cfg,
                               device=device, **kw)

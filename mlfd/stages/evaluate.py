@@ -11,6 +11,7 @@ from ..engine.progress import log
 from ..errors import MlfdError
 from ..models import create_backbone
 from ..workspace import Workspace
+from .baselines import baseline_rows
 from .cache import load_joint, load_teacher_inputs, teacher_group
 from .common import RunOptions, evaluate_images, input_spec, load_teacher
 
@@ -76,7 +77,8 @@ def evaluate(ws: Workspace, opts: RunOptions) -> list[dict]:
         epoch = load_meta(ws.joint_dir(k) / "last").get("epoch")
         for name, r in accs.items():
             rows.append(dict(dataset=name, model="joint", arch="joint", levels=k, epoch=epoch, **r))
-    order = {"teacher": 0, "joint": 1, "student": 2}
+    rows += baseline_rows(ws, opts)
+    order = {"teacher": 0, "multi-head": 1, "joint-head": 2, "joint": 3, "student": 4}
     names = ws.exp.names()
     rows.sort(key=lambda r: (names.index(r["dataset"]), order[r["model"]], r["levels"] or 0))
     return rows

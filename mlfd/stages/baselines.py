@@ -1,0 +1,146 @@
+"""The paper's multi-dataset baselines (section 4.2), trained by `mlfd teach --baseline`.
+
+* multi-head: a shared backbone with one head per dataset; every step forwards one batch
+  of each dataset and averages their CE losses.
+* joint-head: one head over the union of all classes (labels offset per dataset);
+  every step trains on a batch mixing all datasets, and prediction is over the union.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.pipeline import InputSpec
+from ..data.sampling import train_order
+from ..engine.checkpoint import save_checkpoint
+from ..engine.loop import fit, seed_everything
+from ..engine.metrics import MetricsLog
+from ..engine.progress import log
+from ..errors import MlfdError
+from ..models import create_backbone
+from ..workspace import Workspace
+from .common import RunOptions, base_meta, dataset_of, evaluate_images, pipeline_for
+
+KINDS = ("multi-head", "joint-head")
+
+
+class MultiDatasetModel(nn.Module):
+    """A timm backbone without classifier, plus heads: one per dataset or one over all."""
+
+    def __init__(self, arch: str, num_classes: list[int], kind: str, **kw):
+        super().__init__()
+        if kind not in KINDS:
+            raise MlfdError(f"unknown baseline {kind!r}: choose {', '.join(KINDS)}")
+        self.kind, self.num_classes = kind, list(num_classes)
+        self.backbone = create_backbone(arch, 0, **kw)
+        dim = self.backbone.num_features
+        sizes = self.num_classes if kind == "multi-head" else [sum(self.num_classes)]
+        self.heads = nn.ModuleList(nn.Linear(dim, c) for c in sizes)
+        self.offsets = list(itertools.accumulate([0] + self.num_classes[:-1]))
+
+    def forward(self, x: torch.Tensor, dataset: int) -> torch.Tensor:
+        """Logits: the dataset's own head (multi-head) or the union head (joint-head)."""
+        feats = self.backbone(x)
+        return self.heads[dataset if self.kind == "multi-head" else 0](feats)
+
+    def target(self, labels: torch.Tensor, dataset: int) -> torch.Tensor:
+        return labels if self.kind == "multi-head" else labels + self.offsets[dataset]
+
+    def dataset_logits(self, x: torch.Tensor, dataset: int) -> torch.Tensor:
+        """Logits whose column c is the dataset's class c. For joint-head the columns are
+        rotated, not sliced: every other dataset's classes still compete for the argmax."""
+        logits = self(x, dataset)
+        return logits if self.kind == "multi-head" else logits.roll(-self.offsets[dataset], 1)
+
+
+def baseline_dir(ws: Workspace, kind: str, arch: str):
+    return ws.root / "baselines" / f"{kind}-{arch}"
+
+
+def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None = None,
+                   input_size: int | None = None) -> dict:
+    exp, cfg = ws.exp, ws.exp.teach
+    arch = arch or exp.datasets[0].arch
+    size = input_size or exp.datasets[0].input_size
+    names = exp.names()
+    data = [dataset_of(ws, n) for n in names]
+    seed_everything(exp.seed)
+    model = MultiDatasetModel(arch, [d.num_classes for d in data], kind).to(opts.device)
+    specs = [InputSpec((size, size), 3, tuple(d.mean), tuple(d.std)) for d in data]
+    sizes = [len(d.load("train")) for d in data]
+    # Per step one batch of every dataset; an epoch ends when the largest is through.
+    steps = max((n + cfg.batch_size - 1) // cfg.batch_size for n in sizes)
+    out = baseline_dir(ws, kind, arch)
+
+    def batches(epoch):
+        iters = []
+        for i, (name, n) in enumerate(zip(names, sizes)):
+            reps = -(-steps * cfg.batch_size // n)  # smaller datasets cycle
+            order = torch.cat([torch.from_numpy(train_order(n, epoch * 97 + r, exp.seed, "fresh"))
+                               for r in range(reps)]).numpy()[: steps * cfg.batch_size]
+            iters.append(iter(pipeline_for(ws, opts, name, "train", specs[i], order,
+                                           cfg.batch_size)))
+        for _ in range(steps):
+            yield [next(it) for it in iters]
+
+    def step(group):
+        if kind == "multi-head":
+            losses = [F.cross_entropy(model(b.images, d).float(), b.labels,
+                                      label_smoothing=cfg.label_smoothing)
+                      for d, b in enumerate(group)]
+            return torch.stack(losses).mean(), {}, sum(len(b) for b in group)
+        x = torch.cat([b.images for b in group])
+        y = torch.cat([model.target(b.labels, d) for d, b in enumerate(group)])
+        loss = F.cross_entropy(model(x, 0).float(), y, label_smoothing=cfg.label_smoothing)
+        return loss, {}, len(y)
+
+    def evaluate():
+        row = {}
+        for d, name in enumerate(names):
+            r = evaluate_images(ws, opts, name, specs[d], lambda x, d=d: model.dataset_logits(x, d))
+            row[f"{name}/top1"], row[f"{name}/top5"] = r["top1"], r["top5"]
+        row["top1"] = sum(row[f"{n}/top1"] for n in names) / len(names)
+        return row
+
+    meta = base_meta("baseline", baseline=kind, arch=arch, input_size=size, datasets=names,
+                     num_classes=[d.num_classes for d in data], train=vars(cfg).copy(),
+                     seed=exp.seed)
+
+    def save(which, epoch, row):
+        save_checkpoint(out / which, model.state_dict(),
+                        dict(meta, epoch=epoch, metrics=row, complete=epoch == cfg.epochs))
+
+    log(f"[teach] {kind} baseline: {arch} over {len(names)} datasets, {cfg.epochs} epochs")
+    res = fit(title=f"{kind} {arch}", model=model, cfg=cfg, device=opts.device,
+              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, save=save,
+              metrics=MetricsLog(out / "metrics.jsonl"))
+    return res.last
+
+
+def baseline_rows(ws: Workspace, opts: RunOptions) -> list[dict]:
+    """Test accuracy of every trained baseline of this experiment, per dataset."""
+    from ..engine.checkpoint import load_into, load_meta
+
+    rows = []
+    for weights in sorted((ws.root / "baselines").glob("*/last.safetensors")):
+        stem = weights.with_suffix("")
+        meta = load_meta(stem)
+        if meta.get("datasets") != ws.exp.names():
+            log(f"[eval] skipping {weights.parent.name}: trained on other datasets")
+            continue
+        model = MultiDatasetModel(meta["arch"], meta["num_classes"], meta["baseline"])
+        load_into(model, stem, f"{meta['baseline']} baseline ({meta['arch']})")
+        model.to(opts.device).eval()
+        size = meta["input_size"]
+        for d, name in enumerate(meta["datasets"]):
+            ds = dataset_of(ws, name)
+            spec = InputSpec((size, size), 3, tuple(ds.mean), tuple(ds.std))
+            r = evaluate_images(ws, opts, name, spec,
+                                lambda x, m=model, d=d: m.dataset_logits(x, d))
+            rows.append(dict(dataset=name, model=meta["baseline"], arch=meta["arch"], levels=None,
+                             epoch=meta.get("epoch"), **r))
+    return rows
