@@ -26,6 +26,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0
+    # AutoAugment policy ("imagenet") for image-fed training without cached targets
+    # (teachers, baselines); distillation ignores it since its views must replay exactly.
+    auto_augment: str | None = None
 
 
 @dataclass

@@ -144,7 +144,10 @@ def _emit(as_json: bool, doc: dict, rows: list[dict] | None = None) -> None:
     from mlfd.report import rich_table
 
     if rows is not None:
-        Console(stderr=as_json).print(rich_table(rows))
+        console = Console(stderr=as_json)
+        if not console.is_terminal:
+            console.width = max(console.width, 110)  # logs and CI: keep rows on one line
+        console.print(rich_table(rows))
     if as_json:
         sys.stdout.write(json.dumps(doc, default=str) + "\n")
 
@@ -168,7 +171,10 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
                                  "instead of the teachers.")] = None,
           arch: Annotated[str | None, typer.Option(
               "--arch", help="Architecture of the --baseline (default: the first teacher's).")]
-          = None):
+          = None,
+          auto_augment: Annotated[str | None, typer.Option(
+              "--auto-augment", help="imagenet | none: AutoAugment policy for teacher "
+                                     "training (default: the experiment's).")] = None):
     """Train the dataset-specific teachers (all, or those given with --dataset).
 
     Examples:\n
@@ -182,6 +188,8 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
                lr, None)
     opts = _opts(device, pipeline, force=force)
+    if auto_augment is not None:
+        ws.exp.teach.auto_augment = None if auto_augment.lower() == "none" else auto_augment
     if baseline:
         res = train_baseline(ws, opts, baseline, arch, input_size)
         _emit(json_out, {"workdir": str(ws.root), "baseline": baseline, "metrics": res})

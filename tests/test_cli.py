@@ -238,3 +238,16 @@ def test_multi_dataset_baselines(tiny, capsys, kind):
         assert heads["heads.0.weight"].shape[0] == 7 and "heads.1.weight" not in heads
     else:  # one head per dataset
         assert heads["heads.0.weight"].shape[0] == 3 and heads["heads.1.weight"].shape[0] == 4
+
+
+def test_teach_with_auto_augment(tiny, capsys):
+    tmp, a, b = tiny
+    w = tmp / "ws"
+    code, out, err = run(capsys, "teach", "--workdir", w, "--teacher", f"{a}=test_resnet",
+                         "--teacher", f"{b}=test_vit", "--dataset", "alpha", "--auto-augment",
+                         "imagenet", *TINY)
+    assert code == 0, err
+    meta = json.loads((w / "teachers/alpha/last.json").read_text())
+    assert meta["train"]["auto_augment"] == "imagenet"
+    assert "auto_augment" in _bad(capsys, "teach", "--workdir", w, "--dataset", "beta",
+                                  "--auto-augment", "randaug", *TINY)

@@ -30,6 +30,16 @@ Graph (one DALI pipeline per instance, rebuilt only when an epoch is abandoned):
   ``render`` (scaled by 255 since pixels stay in 0..255) and lays out CHW, or HWC when
   the spec wants channels-last, whose NCHW permutation is channels-last memory.
 
+* ``auto_augment="imagenet"`` (see pipeline.py for the contract): a third external
+  source output carries a per-sample ``view > 0`` flag; for flagged samples the
+  resampled image is rounded to uint8 and goes through
+  ``nvidia.dali.auto_aug.auto_augment.auto_augment`` (the ``image_net`` policy, which
+  needs uint8 HWC) before channel matching. Both the flag and auto_aug's own op choice
+  are DALI conditionals, so that graph is traced by ``pipeline_def(enable_conditionals=
+  True)``; without auto_augment the graph is built exactly as before. Grayscale is
+  replicated to RGB for the policy (``fn.saturation`` cannot take one channel) and read
+  back from channel 0 (every op keeps equal channels equal).
+
 A pass yields ``ceil(M / batch_size)`` batches: the external source simply supplies
 fewer samples on the last iteration. CPU pipelines use ``device_id=None``.
 """
@@ -44,14 +54,25 @@ import numpy as np
 import torch
 
 try:
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.pipeline import Pipeline
 except Exception as e:  # a broken install must look like a missing one to the seam
     raise ImportError(f"nvidia-dali is not importable: {e.__class__.__name__}: {e}") from e
 
 from ..errors import MlfdError
-from .pipeline import PIPELINES, Batch, InputSpec, _resident, _stats
-from .views import ViewConfig, view_params
+from .pipeline import (
+    AUTO_AUGMENT_FILL,
+    AUTO_AUGMENT_STREAM,
+    AUTO_AUGMENT_TRANSLATE,
+    PIPELINES,
+    Batch,
+    InputSpec,
+    _resident,
+    _stats,
+    check_auto_augment,
+    check_auto_augment_channels,
+)
+from .views import ViewConfig, counter_uniform, view_params
 
 _PREFETCH = 2
 _LUMA = (0.299, 0.587, 0.114)
@@ -155,9 +176,11 @@ class DaliPipeline:
 
     def __init__(self, split, spec: InputSpec, order: np.ndarray, batch_size: int, *,
                  seed: int = 0, view_cfg: ViewConfig | None = None,
-                 device: torch.device | str = "cpu", num_workers: int | None = None):
+                 device: torch.device | str = "cpu", num_workers: int | None = None,
+                 auto_augment: str | None = None):
         if batch_size < 1:
             raise MlfdError(f"batch size must be >= 1, got {batch_size}")
+        self.auto_augment = check_auto_augment(auto_augment)
         self.split, self.spec = split, spec
         self.order = np.asarray(order, dtype=np.int64).reshape(-1, 2)
         self.batch_size, self.seed = batch_size, seed
@@ -189,6 +212,9 @@ class DaliPipeline:
         else:
             raise MlfdError("the split has neither in-memory images nor image files")
         self._matrix = _channel_matrix(cin, spec.channels)
+        self._cin = cin
+        if self.auto_augment is not None:
+            check_auto_augment_channels(cin)
         self._resident = None
         if self.images is not None and self.gpu and _gpu_resident_fits(self.images, self.device):
             self._resident = _resident(self.images, self.device)
@@ -206,7 +232,8 @@ class DaliPipeline:
         return self.order[k * self.batch_size:(k + 1) * self.batch_size]
 
     def _inputs(self, k: int, part: int):
-        """Part 0: the batch's images (or encoded files); part 1: its (roi_start, roi_end)."""
+        """Part 0: the batch's images (or encoded files); part 1: its (roi_start, roi_end)
+        and, with auto_augment, its per-sample ``view > 0`` flags."""
         entry = self._pending.get(k)
         if entry is None:
             entry = self._pending[k] = [*self._make_inputs(k), 2]
@@ -243,6 +270,8 @@ class DaliPipeline:
         x_end = np.where(p.flip, p.x0, p.x0 + p.w)
         start = np.stack([p.y0, x_start], 1).astype(np.float32)
         end = np.stack([p.y0 + p.h, x_end], 1).astype(np.float32)
+        if self.auto_augment is not None:
+            return data, (start, end, view > 0)
         return data, (start, end)
 
     def _source(self, part: int):
@@ -261,40 +290,85 @@ class DaliPipeline:
     # ---- graph ---------------------------------------------------------------------------
 
     def _build(self) -> Pipeline:
+        kw = dict(batch_size=self.batch_size, num_threads=self.num_threads,
+                  device_id=self.device.index if self.gpu else None,
+                  prefetch_queue_depth=_PREFETCH, seed=self.seed & 0x7FFFFFFF)
+        if self.auto_augment is None:
+            pipe = Pipeline(**kw)
+            with pipe:
+                pipe.set_outputs(self._graph())
+        else:
+            # The pipeline's random ops are all auto_aug's: reseed per "fresh" epoch (the
+            # order's first view id) so that epochs do not replay one sequence of draws.
+            v0 = self.order[:1, 1]
+            kw["seed"] = int(counter_uniform(self.seed, np.zeros_like(v0), v0,
+                                             AUTO_AUGMENT_STREAM)[0] * 0x7FFFFFFF)
+            ref = weakref.ref(self)  # as in _source: the pipeline must not keep self alive
+
+            def graph():
+                return ref()._graph()
+
+            # auto_aug picks ops per sample with `if` on DataNodes: conditional mode only.
+            # (Its use of fn.experimental.equalize warns once per process; DALI forces that
+            # warning past filters.)
+            pipe = pipeline_def(graph, enable_conditionals=True)(**kw)
+        pipe.build()
+        return pipe
+
+    def _graph(self):
         spec = self.spec
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
-                        device_id=self.device.index if self.gpu else None,
-                        prefetch_queue_depth=_PREFETCH, seed=self.seed & 0x7FFFFFFF)
-        with pipe:
+        if self.auto_augment is not None:
+            start, end, aug = fn.external_source(
+                source=self._source(1), num_outputs=3, batch=True,
+                dtype=[types.FLOAT, types.FLOAT, types.BOOL], ndim=[1, 1, 0])
+        else:
             start, end = fn.external_source(
                 source=self._source(1), num_outputs=2, batch=True,
                 dtype=[types.FLOAT, types.FLOAT], ndim=[1, 1])
-            if self.files is not None:
-                enc = fn.external_source(source=self._source(0), batch=True,
-                                         dtype=types.UINT8, ndim=1)
-                img = fn.decoders.image(enc, device="mixed" if self.gpu else "cpu",
-                                        output_type=types.RGB, adjust_orientation=False,
-                                        jpeg_fancy_upsampling=True)
+        if self.files is not None:
+            enc = fn.external_source(source=self._source(0), batch=True,
+                                     dtype=types.UINT8, ndim=1)
+            img = fn.decoders.image(enc, device="mixed" if self.gpu else "cpu",
+                                    output_type=types.RGB, adjust_orientation=False,
+                                    jpeg_fancy_upsampling=True)
+        else:
+            img = fn.external_source(
+                source=self._source(0), batch=True,
+                device="gpu" if self._resident is not None else "cpu",
+                dtype=types.UINT8, ndim=3, layout="HWC")
+            if self.gpu and self._resident is None:
+                img = img.gpu()
+        x = fn.resize(img, size=[float(s) for s in spec.size], roi_start=start, roi_end=end,
+                      roi_relative=False, antialias=False, interp_type=types.INTERP_LINEAR,
+                      dtype=types.FLOAT)
+        if self.auto_augment is not None:
+            x = self._auto_augment(x, aug)
+        if self._matrix is not None:
+            x = fn.coord_transform(x, M=self._matrix, dtype=types.FLOAT)
+        mean, std = _stats(spec, spec.channels, "cpu")
+        x = fn.crop_mirror_normalize(
+            x, mean=[255.0 * v for v in mean.flatten().tolist()],
+            std=[255.0 * v for v in std.flatten().tolist()],
+            output_layout="HWC" if spec.channels_last else "CHW", dtype=types.FLOAT)
+        return x
+
+    def _auto_augment(self, x, aug):
+        """AutoAugment the flagged samples of the resampled float HWC batch (0..255)."""
+        from nvidia.dali.auto_aug import auto_augment
+
+        if aug:
+            u8 = fn.cast(x, dtype=types.UINT8)  # rounds to nearest, saturating
+            if self._cin == 1:
+                u8 = fn.cat(u8, u8, u8, axis_name="C")
+            u8 = auto_augment.auto_augment(
+                u8, "image_net", shape=[float(s) for s in self.spec.size],
+                fill_value=AUTO_AUGMENT_FILL, interp_type=types.INTERP_LINEAR,
+                max_translate_rel=AUTO_AUGMENT_TRANSLATE)
+            if self._cin == 1:
+                x = fn.coord_transform(u8, M=[1.0, 0.0, 0.0], dtype=types.FLOAT)
             else:
-                img = fn.external_source(
-                    source=self._source(0), batch=True,
-                    device="gpu" if self._resident is not None else "cpu",
-                    dtype=types.UINT8, ndim=3, layout="HWC")
-                if self.gpu and self._resident is None:
-                    img = img.gpu()
-            x = fn.resize(img, size=[float(s) for s in spec.size], roi_start=start, roi_end=end,
-                          roi_relative=False, antialias=False, interp_type=types.INTERP_LINEAR,
-                          dtype=types.FLOAT)
-            if self._matrix is not None:
-                x = fn.coord_transform(x, M=self._matrix, dtype=types.FLOAT)
-            mean, std = _stats(spec, spec.channels, "cpu")
-            x = fn.crop_mirror_normalize(
-                x, mean=[255.0 * v for v in mean.flatten().tolist()],
-                std=[255.0 * v for v in std.flatten().tolist()],
-                output_layout="HWC" if spec.channels_last else "CHW", dtype=types.FLOAT)
-            pipe.set_outputs(x)
-        pipe.build()
-        return pipe
+                x = fn.cast(u8, dtype=types.FLOAT)
+        return x
 
     # ---- iteration -----------------------------------------------------------------------
 

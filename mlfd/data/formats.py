@@ -452,9 +452,12 @@ def read_csv_list(
     wanted = ["path", "label"] + (["split"] if need_split else [])
     missing = [c for c in wanted if c not in columns]
     if missing:
+        # Without a split column, the other accepted form is a folder of per-split lists.
+        other = "; or give a folder with train.csv and test.csv" if need_split else ""
         raise DatasetNotFound(
             f"malformed CSV {path}: header lacks column(s) {', '.join(missing)} "
-            f"(expected a header with {','.join(wanted)}; found {','.join(columns) or 'nothing'})"
+            f"(expected a header with {','.join(wanted)}; found {','.join(columns) or 'nothing'}"
+            f"{other})"
         )
     at = {c: columns.index(c) for c in wanted}
     out = []

@@ -13,21 +13,20 @@ plugs in beside it through :func:`build_pipeline`):
 AutoAugment (ImageNet policy, the 25 sub-policies of Cubuk et al. 2019): applied only
 to samples whose view id is > 0 (view 0, the clean eval view, keeps exactly the pixels
 it has without it). Order, in every backend: replayable geometry (crop, resize, flip)
--> round to uint8 -> AutoAugment -> channel matching -> normalisation. Geometric ops
-fill with grey 128, resample bilinearly, and translate by at most 150/331 of the
-output size (torchvision's ImageNet ranges). A grayscale source is augmented as
-grayscale (DALI: replicated to RGB for its colour ops and read back from one channel;
-every op treats equal channels alike).
+-> round to uint8 -> AutoAugment -> channel matching -> normalisation, so samples of
+views > 0 are 8-bit rounded even when no op fires. Geometric ops fill with grey 128,
+resample bilinearly and translate by at most 150/331 of the output size (torchvision's
+ImageNet ranges). A grayscale source is augmented as grayscale (DALI replicates it to
+RGB for its colour ops and reads one channel back; every op keeps equal channels equal).
 
-AutoAugment is random and NOT replayable across backends or runs of the other
-backend: it is meant for teacher training ("fresh" views) and must not be used where
-the pixels have to match cached targets (distillation against a cache, cache filling).
-Seeding: the torch backend draws each sample's ops from torch's CPU generator
-reseeded per sample from (seed, index, view) inside ``torch.random.fork_rng``
-(torchvision's ``v2.AutoAugment`` takes no ``torch.Generator``), so it repeats run to
-run and leaves the global RNG untouched; the DALI backend seeds its pipeline from
-(seed, first view id of the order), so each "fresh" epoch draws a new sequence, but
-the draws depend on batch position, not on the sample.
+AutoAugment is random and NOT replayable: the backends draw differently, and DALI's
+draws follow batch position rather than the sample. It is meant for teacher training
+("fresh" views) and must not be used where pixels have to match cached targets
+(filling a cache, distilling against one). Seeding: the torch backend reseeds torch's
+CPU generator per sample from (seed, index, view) inside ``torch.random.fork_rng``
+(torchvision's ``v2.AutoAugment`` takes no ``torch.Generator``), so a run repeats and
+the caller's global RNG is untouched; the DALI backend seeds its pipeline from (seed,
+first view id of the order), so each "fresh" epoch draws a new sequence.
 """
 
 from __future__ import annotations

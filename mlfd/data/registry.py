@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -565,7 +566,9 @@ def _unique_names(wnids: list[str], words: dict[str, str]) -> list[str]:
     """words.txt names, else the wnid; a name shared by two wnids gets its wnid appended
     (ImageNet reuses some, e.g. 'crane'), so class names stay distinct."""
     names = [words.get(w, w) for w in wnids]
-    return [n if names.count(n) == 1 else f"{n} ({w})" for n, w in zip(names, wnids, strict=True)]
+    counts = Counter(names)
+    pairs = zip(names, wnids, strict=True)
+    return [n if counts[n] == 1 else f"{n} ({w})" for n, w in pairs]
 
 
 @register_dataset("tinyimagenet")
@@ -607,7 +610,7 @@ SKETCH_TEST_FRACTION, SKETCH_SEED = 0.2, 0
 SKETCH_LICENSE = "unknown (images from Google Image search); cite Wang et al., NeurIPS 2019"
 
 
-def _class_dirs(folder: Path) -> bool:
+def _has_class_dirs(folder: Path) -> bool:
     return folder.is_dir() and any(
         d.is_dir() and not d.name.startswith(".") for d in folder.iterdir()
     )
@@ -618,7 +621,7 @@ def _imagenet_sketch(root: Path, _download: bool) -> Dataset:
     folder = root / SKETCH_FOLDER
     # The archive unpacks to sketch/<wnid>/; a flat <wnid>/ copy is accepted too.
     base = folder / "sketch" if (folder / "sketch").is_dir() else folder
-    if not _class_dirs(base):
+    if not _has_class_dirs(base):
         # No canonical checksummed URL to download from.
         raise DatasetNotFound(
             f"dataset 'imagenet-sketch' not found: looked in {folder} for sketch/<wnid>/<image> "
@@ -782,7 +785,7 @@ def csv_dataset(path: str | os.PathLike) -> Dataset:
 
 
 def csv_folder_dataset(path: str | os.PathLike) -> Dataset:
-    """A folder with ``train.csv``, ``test.csv`` (and optionally ``val.csv``), each ``path,label``."""
+    """A folder with ``train.csv``, ``test.csv`` (``val.csv`` optional), each ``path,label``."""
     path = Path(path).resolve()
     if not (path / "test.csv").is_file():
         raise DatasetNotFound(f"dataset {str(path)!r}: train.csv but no test.csv beside it")

@@ -83,7 +83,7 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
             order = torch.cat([torch.from_numpy(train_order(n, epoch * 97 + r, exp.seed, "fresh"))
                                for r in range(reps)]).numpy()[: steps * cfg.batch_size]
             iters.append(iter(pipeline_for(ws, opts, name, "train", specs[i], order,
-                                           cfg.batch_size)))
+                                           cfg.batch_size, cfg.auto_augment)))
         for _ in range(steps):
             yield [next(it) for it in iters]
 

@@ -53,11 +53,11 @@ def view_config(ws: Workspace, data_name: str) -> ViewConfig:
 
 
 def pipeline_for(ws: Workspace, opts: RunOptions, data_name: str, split: str, spec: InputSpec,
-                 order: np.ndarray, batch_size: int):
+                 order: np.ndarray, batch_size: int, auto_augment: str | None = None):
     ds = dataset_of(ws, data_name)
     return build_pipeline(ds.load(split), spec, order, batch_size, backend=opts.pipeline,
                           seed=ws.exp.seed, view_cfg=view_config(ws, data_name),
-                          device=opts.device)
+                          device=opts.device, auto_augment=auto_augment)
 
 
 def base_meta(kind: str, **kw) -> dict:

@@ -43,7 +43,8 @@ def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
 
     def batches(epoch):
         order = train_order(len(train), epoch, ws.exp.seed, "fresh")
-        return pipeline_for(ws, opts, name, "train", spec, order, cfg.batch_size)
+        return pipeline_for(ws, opts, name, "train", spec, order, cfg.batch_size,
+                            cfg.auto_augment)
 
     def step(b):
         logits = model.model(b.images)
