@@ -46,7 +46,6 @@ fewer samples on the last iteration. CPU pipelines use ``device_id=None``.
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Iterator
 
@@ -67,12 +66,12 @@ from .pipeline import (
     PIPELINES,
     Batch,
     InputSpec,
+    PipelineBase,
     _resident,
     _stats,
-    check_auto_augment,
     check_auto_augment_channels,
 )
-from .views import ViewConfig, counter_uniform, view_params
+from .views import counter_uniform, view_params
 
 _PREFETCH = 2
 _LUMA = (0.299, 0.587, 0.114)
@@ -169,24 +168,13 @@ def _gpu_resident_fits(images: np.ndarray, device: torch.device) -> bool:
     return images.nbytes <= free // 4
 
 
-class DaliPipeline:
+class DaliPipeline(PipelineBase):
     """DALI backend: external-source inputs, DALI decode/resample/normalise, torch output."""
 
     name = "dali"
 
-    def __init__(self, split, spec: InputSpec, order: np.ndarray, batch_size: int, *,
-                 seed: int = 0, view_cfg: ViewConfig | None = None,
-                 device: torch.device | str = "cpu", num_workers: int | None = None,
-                 auto_augment: str | None = None):
-        if batch_size < 1:
-            raise MlfdError(f"batch size must be >= 1, got {batch_size}")
-        self.auto_augment = check_auto_augment(auto_augment)
-        self.split, self.spec = split, spec
-        self.order = np.asarray(order, dtype=np.int64).reshape(-1, 2)
-        self.batch_size, self.seed = batch_size, seed
-        self.view_cfg = view_cfg or ViewConfig()
-        self.device = torch.device(device)
-        self.labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
+    def __init__(self, split, spec: InputSpec, order: np.ndarray, batch_size: int, **kw):
+        super().__init__(split, spec, order, batch_size, **kw)
         self.gpu = self.device.type == "cuda"
         if self.gpu:
             # DALI fails obscurely without a driver; say so plainly instead.
@@ -196,9 +184,7 @@ class DaliPipeline:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         elif self.device.type != "cpu":
             raise MlfdError(f"the DALI pipeline runs on cpu or cuda, not {self.device.type}")
-        if num_workers is None or num_workers < 1:
-            num_workers = min(4, os.cpu_count() or 1)
-        self.num_threads = num_workers
+        self.num_threads = self.num_workers
         if split.images is not None:
             self.images = np.asarray(split.images)
             if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -220,9 +206,6 @@ class DaliPipeline:
             self._resident = _resident(self.images, self.device)
         self._pipe = None
         self._pending: dict[int, list] = {}
-
-    def __len__(self) -> int:
-        return (len(self.order) + self.batch_size - 1) // self.batch_size
 
     # ---- inputs, pulled by DALI per iteration -------------------------------------------
 

@@ -31,6 +31,7 @@ first view id of the order), so each "fresh" epoch draws a new sequence.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -209,10 +210,10 @@ def _resident(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return t
 
 
-class TorchPipeline:
-    """Pure-torch backend: batched grid_sample for arrays, PIL decoding for files."""
+class PipelineBase:
+    """What every backend shares: argument checks, the pairs to visit, batch count."""
 
-    name = "torch"
+    name = "base"
 
     def __init__(self, split, spec: InputSpec, order: np.ndarray, batch_size: int, *,
                  seed: int = 0, view_cfg: ViewConfig | None = None,
@@ -221,18 +222,23 @@ class TorchPipeline:
         if batch_size < 1:
             raise MlfdError(f"batch size must be >= 1, got {batch_size}")
         self.auto_augment = check_auto_augment(auto_augment)
-        self.split, self.spec, self.order = split, spec, np.asarray(order, dtype=np.int64)
+        self.split, self.spec = split, spec
+        self.order = np.asarray(order, dtype=np.int64).reshape(-1, 2)
         self.batch_size, self.seed = batch_size, seed
         self.view_cfg = view_cfg or ViewConfig()
         self.device = torch.device(device)
         self.labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
-        if num_workers is None:
-            import os
-            num_workers = min(4, os.cpu_count() or 1)
-        self.num_workers = num_workers
+        self.num_workers = num_workers if num_workers and num_workers > 0 else min(
+            4, os.cpu_count() or 1)
 
     def __len__(self) -> int:
         return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+
+class TorchPipeline(PipelineBase):
+    """Pure-torch backend: batched grid_sample for arrays, PIL decoding for files."""
+
+    name = "torch"
 
     def __iter__(self) -> Iterator[Batch]:
         if self.split.images is not None:
