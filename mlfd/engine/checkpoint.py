@@ -38,6 +38,17 @@ def save_checkpoint(stem: Path, state_dict: dict, meta: dict) -> str:
     return sha
 
 
+def epoch_saver(out: Path, state_fn, meta: dict, epochs: int):
+    """The ``save(which, epoch, row)`` callback of ``fit``: weights from ``state_fn()``, the
+    stage's metadata, the epoch's metrics, and ``complete`` once the last epoch is done."""
+
+    def save(which: str, epoch: int, row: dict) -> None:
+        save_checkpoint(out / which, state_fn(),
+                        dict(meta, epoch=epoch, metrics=row, complete=epoch == epochs))
+
+    return save
+
+
 def load_meta(stem: Path) -> dict:
     side = stem.with_suffix(".json")
     if not side.exists():

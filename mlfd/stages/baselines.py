@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..data.pipeline import InputSpec
 from ..data.sampling import train_order
-from ..engine.checkpoint import save_checkpoint
+from ..engine.checkpoint import epoch_saver
 from ..engine.loop import fit, seed_everything
 from ..engine.metrics import MetricsLog
 from ..engine.progress import log
@@ -110,10 +110,7 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
                      num_classes=[d.num_classes for d in data], train=vars(cfg).copy(),
                      seed=exp.seed)
 
-    def save(which, epoch, row):
-        save_checkpoint(out / which, model.state_dict(),
-                        dict(meta, epoch=epoch, metrics=row, complete=epoch == cfg.epochs))
-
+    save = epoch_saver(out, model.state_dict, meta, cfg.epochs)
     log(f"[teach] {kind} baseline: {arch} over {len(names)} datasets, {cfg.epochs} epochs")
     res = fit(title=f"{kind} {arch}", model=model, cfg=cfg, device=opts.device,
               steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, save=save,

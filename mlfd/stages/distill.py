@@ -11,7 +11,7 @@ import torch
 
 from ..cache import digest
 from ..data.sampling import train_order
-from ..engine.checkpoint import save_checkpoint
+from ..engine.checkpoint import epoch_saver, save_checkpoint
 from ..engine.loop import fit, seed_everything
 from ..engine.metrics import MetricsLog
 from ..engine.progress import log
@@ -75,10 +75,11 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
                               kd_cfg, backend=backend)
         return loss, terms, len(b)
 
+    save_weights = epoch_saver(out, student.backbone.model.state_dict, meta, cfg.epochs)
+
     def save(which, epoch, row):
         # Exported students are plain timm models; adaptors are kept aside for inspection.
-        save_checkpoint(out / which, student.backbone.model.state_dict(),
-                        dict(meta, epoch=epoch, metrics=row, complete=epoch == cfg.epochs))
+        save_weights(which, epoch, row)
         if which == "last":
             save_checkpoint(out / "adaptors", student.adaptors.state_dict(),
                             {"kind": "student-adaptors", "epoch": epoch})

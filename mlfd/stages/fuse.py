@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..cache import digest
 from ..data.sampling import train_order
-from ..engine.checkpoint import save_checkpoint
+from ..engine.checkpoint import epoch_saver
 from ..engine.loop import fit, seed_everything
 from ..engine.metrics import Accuracy, MetricsLog
 from ..engine.progress import log
@@ -87,10 +87,7 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
         row["top1"] = float(np.mean(top1))
         return row
 
-    def save(which, epoch, row):
-        save_checkpoint(out / which, joint.state_dict(),
-                        dict(meta, epoch=epoch, metrics=row, complete=epoch == cfg.epochs))
-
+    save = epoch_saver(out, joint.state_dict, meta, cfg.epochs)
     log(f"[fuse] joint teacher L{levels} over {len(names)} teachers, {total} samples x {V} views")
     res = fit(title=f"fuse L{levels}", model=joint, cfg=cfg, device=opts.device,
               steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, save=save,

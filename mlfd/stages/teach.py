@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..data.sampling import train_order
-from ..engine.checkpoint import save_checkpoint
+from ..engine.checkpoint import epoch_saver
 from ..engine.loop import fit, seed_everything
 from ..engine.metrics import MetricsLog
 from ..engine.progress import log
@@ -51,9 +51,7 @@ def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
         loss = F.cross_entropy(logits.float(), b.labels, label_smoothing=cfg.label_smoothing)
         return loss, {}, len(b)
 
-    def save(which, epoch, row):
-        save_checkpoint(out / which, model.model.state_dict(),
-                        dict(meta, epoch=epoch, metrics=row, complete=epoch == cfg.epochs))
+    save = epoch_saver(out, model.model.state_dict, meta, cfg.epochs)
 
     log(f"[teach] {name}: {entry.arch} on {len(train)} images, {cfg.epochs} epochs, "
         f"{entry.input_size}px, device {opts.device}")
