@@ -6,26 +6,18 @@ geometry and before channel matching and normalisation; view 0 keeps its exact p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 
 from mlfd.data.pipeline import InputSpec, TorchPipeline, build_pipeline
+from mlfd.data.registry import Split
 from mlfd.data.views import ViewConfig
 from mlfd.errors import MlfdError
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # A change of ~6 grey levels (normalised by std <= 0.5): well above uint8 rounding noise.
 CHANGED = 0.05
-
-
-@dataclass
-class FakeSplit:
-    labels: np.ndarray
-    images: np.ndarray | None = None
-    files: list | None = None
 
 
 def _images(n, h, w, c, seed=0):
@@ -77,7 +69,7 @@ def _check_contract(plain, aug, order, spec):
 
 
 def test_torch_rgb_arrays():
-    split = FakeSplit(labels=np.arange(16), images=_images(16, 30, 26, 3))
+    split = Split(labels=np.arange(16), images=_images(16, 30, 26, 3))
     spec = InputSpec(size=(24, 24), channels=3, **IMAGENET)
     order = _order(16)
     plain = _run(TorchPipeline, split, spec, order)
@@ -89,7 +81,7 @@ def test_torch_rgb_arrays():
 
 
 def test_torch_leaves_global_rng_alone():
-    split = FakeSplit(labels=np.arange(4), images=_images(4, 20, 20, 3))
+    split = Split(labels=np.arange(4), images=_images(4, 20, 20, 3))
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -101,7 +93,7 @@ def test_torch_grayscale_source_and_files(tmp_path):
     from PIL import Image
 
     images = _images(12, 28, 28, 1, seed=1)
-    split = FakeSplit(labels=np.arange(12), images=images)
+    split = Split(labels=np.arange(12), images=images)
     order = _order(12)
     spec = InputSpec(size=(20, 20), channels=3)
     _check_contract(_run(TorchPipeline, split, spec, order),
@@ -111,7 +103,7 @@ def test_torch_grayscale_source_and_files(tmp_path):
     for i, im in enumerate(_images(12, 26, 30, 3, seed=2)):
         files.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(im).save(files[-1])
-    fsplit = FakeSplit(labels=np.arange(12), files=files)
+    fsplit = Split(labels=np.arange(12), files=files)
     kw = dict(num_workers=0)
     _check_contract(_run(TorchPipeline, fsplit, spec, order, **kw),
                     _run(TorchPipeline, fsplit, spec, order, "imagenet", **kw), order, spec)
@@ -119,7 +111,7 @@ def test_torch_grayscale_source_and_files(tmp_path):
 
 @pytest.mark.parametrize("bad", ["cifar10", "image_net", "", "none", 1])
 def test_invalid_policy_is_one_line_error(bad):
-    split = FakeSplit(labels=np.arange(2), images=_images(2, 8, 8, 3))
+    split = Split(labels=np.arange(2), images=_images(2, 8, 8, 3))
     spec, order = InputSpec(size=(8, 8)), _order(2)
     with pytest.raises(MlfdError) as e:
         TorchPipeline(split, spec, order, 2, auto_augment=bad)
@@ -129,7 +121,7 @@ def test_invalid_policy_is_one_line_error(bad):
 
 
 def test_build_pipeline_passes_policy_through():
-    split = FakeSplit(labels=np.arange(2), images=_images(2, 8, 8, 3))
+    split = Split(labels=np.arange(2), images=_images(2, 8, 8, 3))
     p = build_pipeline(split, InputSpec(size=(8, 8)), _order(2), 2, backend="torch",
                        auto_augment="ImageNet")
     assert p.auto_augment == "imagenet"
@@ -149,7 +141,7 @@ def dali():
 
 
 def test_dali_rgb_arrays(dali):
-    split = FakeSplit(labels=np.arange(16), images=_images(16, 30, 26, 3))
+    split = Split(labels=np.arange(16), images=_images(16, 30, 26, 3))
     spec = InputSpec(size=(24, 24), channels=3, **IMAGENET)
     order = _order(16)
     plain = _run(dali, split, spec, order)
@@ -162,7 +154,7 @@ def test_dali_rgb_arrays(dali):
 
 def test_dali_grayscale_arrays(dali):
     # one channel is replicated to RGB for the policy (fn.saturation needs three) and read back
-    split = FakeSplit(labels=np.arange(12), images=_images(12, 28, 28, 1, seed=1))
+    split = Split(labels=np.arange(12), images=_images(12, 28, 28, 1, seed=1))
     spec = InputSpec(size=(20, 20), channels=1)
     order = _order(12, views=(0, 4, 5))
     _check_contract(_run(dali, split, spec, order), _run(dali, split, spec, order, "imagenet"),
@@ -176,7 +168,7 @@ def test_dali_files_and_build_pipeline(dali, tmp_path):
     for i, im in enumerate(_images(10, 26, 30, 3, seed=2)):
         files.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(im[:, :, 0] if i % 3 == 0 else im).save(files[-1])
-    split = FakeSplit(labels=np.arange(10), files=files)
+    split = Split(labels=np.arange(10), files=files)
     spec = InputSpec(size=(20, 20), channels=3, **IMAGENET)
     order = _order(10)
     p = build_pipeline(split, spec, order, 4, backend="dali", seed=3, auto_augment="imagenet",
@@ -186,7 +178,7 @@ def test_dali_files_and_build_pipeline(dali, tmp_path):
 
 
 def test_dali_invalid_policy(dali):
-    split = FakeSplit(labels=np.arange(2), images=_images(2, 8, 8, 3))
+    split = Split(labels=np.arange(2), images=_images(2, 8, 8, 3))
     with pytest.raises(MlfdError, match="auto_augment"):
         dali(split, InputSpec(size=(8, 8)), _order(2), 2, auto_augment="reduced_image_net")
     with pytest.raises(MlfdError, match="auto_augment"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +12,13 @@ pytest.importorskip("nvidia.dali")  # environment guard: DALI is a Linux-only de
 
 from mlfd.data.dali_pipeline import DaliPipeline  # noqa: E402
 from mlfd.data.pipeline import InputSpec, TorchPipeline, build_pipeline  # noqa: E402
+from mlfd.data.registry import Split
 from mlfd.data.sampling import eval_order, train_order  # noqa: E402
 from mlfd.data.views import ViewConfig  # noqa: E402
 from mlfd.errors import MlfdError  # noqa: E402
 
 TOL = 1e-4  # float32 resampling noise; one grey level after normalising is ~8e-3
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
-@dataclass
-class FakeSplit:
-    labels: np.ndarray
-    images: np.ndarray | None = None
-    files: list | None = None
 
 
 def _smooth_images(n, h, w, c, seed=0):
@@ -77,7 +70,7 @@ def _mixed_order(n, views=(0, 1, 2, 5)):
 ])
 def test_grayscale_arrays_match_torch(size, spec_kw):
     images = _smooth_images(13, 28, 28, 1)
-    split = FakeSplit(labels=np.arange(13) % 4, images=images)
+    split = Split(labels=np.arange(13) % 4, images=images)
     spec = InputSpec(size=size, channels=3, **spec_kw)
     order = _mixed_order(13)
     d, t = _both(split, spec, order)
@@ -89,7 +82,7 @@ def test_grayscale_arrays_match_torch(size, spec_kw):
 
 def test_rgb_arrays_match_torch_with_flips():
     images = _smooth_images(16, 40, 30, 3, seed=1)
-    split = FakeSplit(labels=np.arange(16), images=images)
+    split = Split(labels=np.arange(16), images=images)
     order = _mixed_order(16, views=(0, 1, 2, 3, 4, 7, 8, 9))
     d, t = _both(split, InputSpec(size=(32, 32), channels=3, **IMAGENET), order)
     _assert_same(d, t)
@@ -101,7 +94,7 @@ def test_rgb_arrays_match_torch_with_flips():
 
 def test_rgb_arrays_to_grayscale_model():
     images = _smooth_images(7, 24, 24, 3, seed=2)
-    split = FakeSplit(labels=np.zeros(7), images=images)
+    split = Split(labels=np.zeros(7), images=images)
     d, t = _both(split, InputSpec(size=(16, 16), channels=1, **IMAGENET), _mixed_order(7), 3)
     _assert_same(d, t)
     assert d[0].shape == (7, 1, 16, 16)
@@ -125,7 +118,7 @@ def _write_images(root, n, seed=0, ext="png"):
         Image.fromarray(arr[:, :, 0] if gray else arr).save(path, **opts)
         files.append(str(path))
         labels.append(i % 2)
-    return FakeSplit(labels=np.array(labels), files=files)
+    return Split(labels=np.array(labels), files=files)
 
 
 def test_png_files_match_torch(tmp_path):
@@ -148,7 +141,7 @@ def test_jpeg_files_match_torch(tmp_path):
 
 def test_view_replays_across_instances():
     images = _smooth_images(9, 28, 28, 1)
-    split = FakeSplit(labels=np.arange(9), images=images)
+    split = Split(labels=np.arange(9), images=images)
     spec = InputSpec(size=(32, 32), channels=3)
     order = train_order(9, epoch=2, seed=7, views="fresh")
     a = _collect(DaliPipeline(split, spec, order, 4, seed=7))[0]
@@ -164,7 +157,7 @@ def test_view_replays_across_instances():
 
 def test_abandoned_pass_then_full_pass():
     images = _smooth_images(10, 28, 28, 1)
-    split = FakeSplit(labels=np.arange(10), images=images)
+    split = Split(labels=np.arange(10), images=images)
     p = DaliPipeline(split, InputSpec(size=(32, 32)), eval_order(10), 3)
     first = next(iter(p))
     assert first.index.tolist() == [0, 1, 2]
@@ -173,7 +166,7 @@ def test_abandoned_pass_then_full_pass():
 
 def test_eval_order_every_sample_once_partial_last_batch():
     images = _smooth_images(23, 28, 28, 1)
-    split = FakeSplit(labels=(np.arange(23) * 7) % 10, images=images)
+    split = Split(labels=(np.arange(23) * 7) % 10, images=images)
     p = DaliPipeline(split, InputSpec(size=(32, 32)), eval_order(23), 8)
     assert len(p) == 3
     x, labels, idx, view, sizes = _collect(p)
@@ -191,7 +184,7 @@ def test_eval_order_every_sample_once_partial_last_batch():
 def test_sharding_disjoint_and_complete():
     n, world = 17, 3
     images = _smooth_images(n, 28, 28, 1)
-    split = FakeSplit(labels=np.arange(n), images=images)
+    split = Split(labels=np.arange(n), images=images)
     seen = []
     for rank in range(world):
         order = eval_order(n, views=2, rank=rank, world=world)
@@ -229,7 +222,7 @@ def test_missing_file_names_file(tmp_path):
 
 
 def test_build_pipeline_backends():
-    split = FakeSplit(labels=np.arange(4), images=_smooth_images(4, 28, 28, 1))
+    split = Split(labels=np.arange(4), images=_smooth_images(4, 28, 28, 1))
     spec = InputSpec(size=(32, 32))
     auto = build_pipeline(split, spec, eval_order(4), 2, backend="auto")
     assert isinstance(auto, DaliPipeline) and len(auto) == 2
@@ -239,19 +232,19 @@ def test_build_pipeline_backends():
 
 
 def test_bad_inputs():
-    split = FakeSplit(labels=np.arange(4), images=_smooth_images(4, 28, 28, 2))
+    split = Split(labels=np.arange(4), images=_smooth_images(4, 28, 28, 2))
     with pytest.raises(MlfdError, match="2-channel"):
         DaliPipeline(split, InputSpec(size=(32, 32)), eval_order(4), 2)
     with pytest.raises(MlfdError, match="batch size"):
         DaliPipeline(split, InputSpec(size=(32, 32), channels=2), eval_order(4), 0)
-    empty = DaliPipeline(FakeSplit(labels=np.arange(4), images=_smooth_images(4, 8, 8, 1)),
+    empty = DaliPipeline(Split(labels=np.arange(4), images=_smooth_images(4, 8, 8, 1)),
                          InputSpec(size=(8, 8)), np.zeros((0, 2), np.int64), 2)
     assert len(empty) == 0 and list(empty) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_gpu_is_a_clear_error():
-    split = FakeSplit(labels=np.arange(4), images=_smooth_images(4, 28, 28, 1))
+    split = Split(labels=np.arange(4), images=_smooth_images(4, 28, 28, 1))
     with pytest.raises(MlfdError, match="no CUDA device"):
         DaliPipeline(split, InputSpec(size=(32, 32)), eval_order(4), 2, device="cuda")
 
@@ -271,7 +264,7 @@ def _gpu_vs_torch_cpu(split, spec, order, batch_size=4):
 
 @needs_cuda
 def test_gpu_arrays_match_torch():
-    split = FakeSplit(labels=np.arange(13), images=_smooth_images(13, 28, 28, 1))
+    split = Split(labels=np.arange(13), images=_smooth_images(13, 28, 28, 1))
     d, t = _gpu_vs_torch_cpu(split, InputSpec(size=(32, 32), **IMAGENET), _mixed_order(13))
     _assert_same(d, t)
 
