@@ -88,6 +88,7 @@ class Experiment:
         return [d.name for d in self.datasets]
 
     def validate(self) -> None:
+        """Every value that can be checked without data or models; one-line errors."""
         if len(self.datasets) < 2:
             raise MlfdError("an MLFD experiment needs at least two datasets (one teacher each)")
         names = self.names()
@@ -95,6 +96,21 @@ class Experiment:
             raise MlfdError(f"dataset names must be unique: {names}")
         if self.levels < 1:
             raise MlfdError(f"--levels must be >= 1, got {self.levels}")
+        for section in ("teach", "fuse", "distill"):
+            _check_train(section, getattr(self, section))
+        if self.cache.views < 1:
+            raise MlfdError(f"cache.views must be >= 1, got {self.cache.views}")
+        if self.cache.dtype not in CACHE_DTYPES:
+            raise MlfdError(f"cache.dtype {self.cache.dtype!r}: choose {', '.join(CACHE_DTYPES)}")
+        if self.cache.batch_size < 1:
+            raise MlfdError(f"cache.batch_size must be >= 1, got {self.cache.batch_size}")
+        if any(w < 0 for w in self.distill.level_weights):
+            raise MlfdError(f"distill.level_weights must be >= 0, got {self.distill.level_weights}")
+        if self.distill.temperature <= 0:
+            raise MlfdError(f"distill.temperature must be > 0, got {self.distill.temperature}")
+        for d in self.datasets:
+            if d.input_size < 8:
+                raise MlfdError(f"{d.name}: input_size must be >= 8, got {d.input_size}")
 
     # --- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -126,7 +142,45 @@ class Experiment:
             raise MlfdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise MlfdError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(data)
+        exp = cls.from_dict(data)
+        for d in exp.datasets:
+            d.source = resolve_source(str(d.source), path.parent.resolve())
+        return exp
+
+
+CACHE_DTYPES = ("float16", "float32")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "onecycle", "cosine")
+
+
+def _check_train(section: str, cfg: TrainConfig) -> None:
+    if cfg.epochs < 1:
+        raise MlfdError(f"{section}.epochs must be >= 1, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        raise MlfdError(f"{section}.batch_size must be >= 1, got {cfg.batch_size}")
+    if not cfg.lr > 0:
+        raise MlfdError(f"{section}.lr must be > 0, got {cfg.lr}")
+    if cfg.optimizer.lower() not in OPTIMIZERS:
+        raise MlfdError(f"{section}.optimizer {cfg.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise MlfdError(f"{section}.schedule {cfg.schedule!r}: choose {', '.join(SCHEDULES)}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise MlfdError(f"{section}.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    from .data.pipeline import check_auto_augment
+
+    check_auto_augment(cfg.auto_augment)
+
+
+def resolve_source(source: str, base: Path) -> str:
+    """A dataset source as stored: registry names as they are, paths absolute.
+
+    Relative paths are taken relative to ``base`` (the directory of experiment.yaml, or
+    the current directory for a --teacher option), so a workdir works from anywhere."""
+    from .data.registry import list_datasets
+
+    if source in list_datasets() or Path(source).expanduser().is_absolute():
+        return source
+    return str((base / Path(source).expanduser()).resolve())
 
 
 def short_name(source: str) -> str:

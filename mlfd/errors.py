@@ -13,3 +13,19 @@ class DatasetNotFound(MlfdError):
 
 class StaleCacheError(MlfdError):
     pass
+
+
+class WorkdirBusy(MlfdError):
+    """Another mlfd process holds the workdir's lock."""
+
+    exit_code = 4
+
+
+class FilesystemError(MlfdError):
+    """The filesystem refused: not a directory, read-only, no space, permission."""
+
+    exit_code = 3
+
+
+class CorruptArtifact(MlfdError):
+    """A stored result whose files are damaged (checksum mismatch, unreadable metadata)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.table import Table
@@ -21,31 +22,57 @@ def _label(r: dict) -> str:
     return f"student L{r['levels']} ({r['arch']})"
 
 
+def _measured(r: dict) -> bool:
+    return r.get("top1") is not None and r.get("status", "complete") == "complete"
+
+
 def _gain(r: dict, rows: list[dict]) -> float | None:
-    """A student's top-1 gain over its same-architecture dataset-specific teacher."""
-    if r["model"] != "student":
+    """A student's top-1 gain over its same-architecture dataset-specific teacher; only
+    between complete, up-to-date results."""
+    if r["model"] != "student" or not _measured(r):
         return None
-    base = [t for t in rows if t["dataset"] == r["dataset"] and t["model"] == "teacher"]
+    base = [t for t in rows if t["dataset"] == r["dataset"] and t["model"] == "teacher"
+            and _measured(t)]
     return r["top1"] - base[0]["top1"] if base else None
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _note(r: dict) -> str:
+    """Why a row is not a plain result: stale inputs, or no numbers at all."""
+    st = r.get("status", "complete")
+    if st == "complete":
+        return ""
+    if st == "incomplete" and r.get("epochs"):
+        return f"incomplete (epoch {r.get('epoch')}/{r['epochs']})"
+    return st
+
+
+def _cells(r: dict, rows: list[dict]) -> list[str]:
+    g = _gain(r, rows)
+    if r.get("top1") is None:
+        return [r["dataset"], _label(r), "—", "—", "", _note(r)]
+    return [r["dataset"], _label(r), _pct(r["top1"]), _pct(r.get("top5")),
+            "" if g is None else f"{100 * g:+.2f}", _note(r)]
+
+
+COLUMNS = ("dataset", "model", "top-1 %", "top-5 %", "vs teacher", "status")
 
 
 def rich_table(rows: list[dict], title: str = "MLFD results (test split)") -> Table:
     table = Table(title=title)
-    for col in ("dataset", "model", "top-1 %", "top-5 %", "vs teacher"):
+    for col in COLUMNS:
         table.add_column(col, justify="right" if "%" in col or col == "vs teacher" else "left")
     for r in rows:
-        g = _gain(r, rows)
-        table.add_row(r["dataset"], _label(r), f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}",
-                      "" if g is None else f"{100 * g:+.2f}")
+        table.add_row(*_cells(r, rows))
     return table
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | model | top-1 % | top-5 % | vs teacher |", "|---|---|---:|---:|---:|"]
-    for r in rows:
-        g = _gain(r, rows)
-        lines.append(f"| {r['dataset']} | {_label(r)} | {100 * r['top1']:.2f} | "
-                     f"{100 * r['top5']:.2f} | {'' if g is None else f'{100 * g:+.2f}'} |")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(_cells(r, rows)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -90,11 +117,17 @@ def plot_curves(ws: Workspace, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_reports(ws: Workspace, rows: list[dict]) -> dict[str, str]:
     out = ws.reports
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    (out / "results.md").write_text(markdown(rows))
+    _write_atomic(out / "results.json", json.dumps(rows, indent=2))
+    _write_atomic(out / "results.md", markdown(rows))
     plots = plot_curves(ws, out)
     return {"json": str(out / "results.json"), "markdown": str(out / "results.md"),
             "plots": [str(p) for p in plots]}

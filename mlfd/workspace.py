@@ -11,14 +11,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Experiment
-from .errors import MlfdError
+from .errors import FilesystemError, MlfdError, WorkdirBusy
 
 EXPERIMENT_FILE = "experiment.yaml"
+LOCK_FILE = ".mlfd.lock"
 
 
 def default_workdir() -> Path:
@@ -30,26 +34,60 @@ class Workspace:
     root: Path
     exp: Experiment
     data_root: str | None = None
+    is_new: bool = False  # the experiment is not saved yet (see ``create``)
 
     @classmethod
     def open(cls, root: Path, new: Experiment | None = None, data_root: str | None = None,
              ) -> Workspace:
-        """Open an existing workspace, or create it from ``new`` when it has none yet."""
+        """The existing workspace, or a new one from ``new``; nothing is written yet."""
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise FilesystemError(f"workdir {root} exists and is not a directory")
         path = root / EXPERIMENT_FILE
         if path.exists():
-            exp = Experiment.load(path)
+            exp, is_new = Experiment.load(path), False
         elif new is not None:
-            root.mkdir(parents=True, exist_ok=True)
-            new.save(path)
-            exp = new
+            exp, is_new = new, True
         else:
             raise MlfdError(
                 f"{root} has no {EXPERIMENT_FILE}: start one with --preset demo|paper-t1|paper-t2, "
                 "--teacher DATASET=ARCH (twice or more) or a --dataset that belongs to a preset"
             )
         exp.validate()
-        return cls(root, exp, data_root)
+        return cls(root, exp, data_root, is_new)
+
+    def create(self) -> None:
+        """Write a new experiment's file; call only once every option was validated."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.is_new:
+            self.exp.save(self.root / EXPERIMENT_FILE)
+            self.is_new = False
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the workdir's lock: a second mlfd run on it is refused with the holder's pid.
+
+        flock is released by the kernel when the process dies, so a killed run leaves no
+        stale lock behind."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkdirBusy(f"workdir {self.root} is in use by another mlfd run (pid "
+                                  f"{holder}, lock {path}); wait for it to finish") from None
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield self
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     # --- paths -----------------------------------------------------------------------
     def teacher_dir(self, name: str) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -41,13 +43,18 @@ Lr = Annotated[float | None, typer.Option("--lr", help="Override learning rates.
 Pipeline = Annotated[str, typer.Option("--pipeline", help="auto | dali | torch")]
 LossBackend = Annotated[str | None, typer.Option(
     "--loss-backend", help="auto | torch | compile | triton (default: the experiment's).")]
-Force = Annotated[bool, typer.Option("--force", help="Redo this stage even if it is done.")]
+Force = Annotated[bool, typer.Option("--force", help="Redo this stage even if it is up to date.")]
+Restart = Annotated[bool, typer.Option(
+    "--restart", help="Train from scratch instead of resuming an interrupted run.")]
 
 
 def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epochs, batch_size,
           lr, levels):
-    """Resolve the workspace and apply per-run overrides (not written back to the file)."""
-    from mlfd.config import DatasetEntry, Experiment, short_name
+    """Resolve the workspace and apply per-run overrides (not written back to the file).
+
+    Nothing is written here: the caller validates the whole run first, then ``_session``
+    creates the workspace and takes its lock."""
+    from mlfd.config import DatasetEntry, Experiment, resolve_source, short_name
     from mlfd.engine.progress import log
     from mlfd.presets import get_preset, preset_for_dataset
     from mlfd.workspace import EXPERIMENT_FILE, Workspace
@@ -63,6 +70,7 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
             if "=" not in t:
                 raise MlfdError(f"--teacher {t!r}: expected DATASET=ARCH")
             src, arch = (s.strip() for s in t.rsplit("=", 1))
+            src = resolve_source(src, Path.cwd())  # stored absolute: works from anywhere
             entries.append(DatasetEntry(short_name(src), src, arch,
                                         input_size or _default_size(arch)))
         new = Experiment(preset="custom", datasets=entries)
@@ -94,17 +102,18 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
         exp.seed = seed
     for cfg in (exp.teach, exp.fuse, exp.distill):
         if epochs is not None:
-            if epochs < 1:
-                raise MlfdError(f"--epochs must be >= 1, got {epochs}")
             cfg.epochs = epochs
         if batch_size is not None:
-            if batch_size < 1:
-                raise MlfdError(f"--batch-size must be >= 1, got {batch_size}")
             cfg.batch_size = batch_size
         if lr is not None:
-            if lr <= 0:
-                raise MlfdError(f"--lr must be > 0, got {lr}")
             cfg.lr = lr
+    try:
+        exp.validate()
+    except MlfdError as e:  # name the option when an override is what is wrong
+        for flag, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr)):
+            if value is not None and flag[2:].replace("-", "_") in str(e):
+                raise MlfdError(f"{flag} {value}: {e}") from None
+        raise
     return ws
 
 
@@ -117,12 +126,43 @@ def _default_size(arch: str) -> int:
         else 224
 
 
-def _opts(device, pipeline="auto", loss_backend=None, force=False):
+PIPELINES = ("auto", "dali", "torch")
+
+
+def _opts(device, pipeline="auto", loss_backend=None, force=False, restart=False):
+    """Per-run options, validated before anything is read or written."""
     from mlfd.device import select_device
     from mlfd.stages import RunOptions
 
-    return RunOptions(device=select_device(device), pipeline=pipeline, loss_backend=loss_backend,
-                      force=force)
+    dev = select_device(device)
+    if pipeline not in PIPELINES:
+        raise MlfdError(f"unknown --pipeline {pipeline!r}: choose {', '.join(PIPELINES)}")
+    if loss_backend is not None:
+        from mlfd.losses import resolve_backend
+
+        resolve_backend(loss_backend, dev)
+    return RunOptions(device=dev, pipeline=pipeline, loss_backend=loss_backend, force=force,
+                      restart=restart)
+
+
+@contextlib.contextmanager
+def _session(ws, opts, levels=None):
+    """Check what needs data and models, then create the workspace and hold its lock."""
+    from mlfd.stages.cache import check_levels
+    from mlfd.stages.common import dataset_of
+
+    for e in ws.exp.datasets:
+        dataset_of(ws, e.name)  # exists, readable, >= 2 classes
+        _default_size(e.arch)  # a timm architecture
+    if levels is not None:
+        check_levels(ws, levels)
+    if opts.loss_backend is None and levels is not None:
+        from mlfd.losses import resolve_backend
+
+        resolve_backend(ws.exp.distill.loss_backend, opts.device)
+    with ws.locked():
+        ws.create()
+        yield ws
 
 
 def _names(ws, datasets) -> list[str]:
@@ -165,7 +205,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
           seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
           preset: Preset = None, teacher: Teacher = None, input_size: InputSize = None,
           epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
-          pipeline: Pipeline = "auto", force: Force = False,
+          pipeline: Pipeline = "auto", force: Force = False, restart: Restart = False,
           baseline: Annotated[str | None, typer.Option(
               "--baseline", help="multi-head | joint-head: train a multi-dataset baseline "
                                  "instead of the teachers.")] = None,
@@ -177,30 +217,42 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
                                      "training (default: the experiment's).")] = None):
     """Train the dataset-specific teachers (all, or those given with --dataset).
 
+    Up-to-date teachers are kept (--force retrains); an interrupted run resumes.
+
     Examples:\n
       mlfd teach --preset demo --dataset mnist-mini --epochs 2\n
       mlfd teach --workdir runs/demo --baseline joint-head --arch test_convnext
     """
+    from mlfd.data.pipeline import check_auto_augment
+    from mlfd.engine.progress import log
     from mlfd.stages import teach as run
-    from mlfd.stages.baselines import train_baseline
-    from mlfd.stages.teach import teacher_done
+    from mlfd.stages.baselines import KINDS, train_baseline
+    from mlfd.stages.teach import teacher_status
 
+    opts = _opts(device, pipeline, force=force, restart=restart)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
                lr, None)
-    opts = _opts(device, pipeline, force=force)
     if auto_augment is not None:
-        ws.exp.teach.auto_augment = None if auto_augment.lower() == "none" else auto_augment
-    if baseline:
-        res = train_baseline(ws, opts, baseline, arch, input_size)
-        _emit(json_out, {"workdir": str(ws.root), "baseline": baseline, "metrics": res})
-        return
-    results = {}
-    for name in _names(ws, dataset):
-        if teacher_done(ws, name) and not force:
-            from mlfd.engine.progress import log
-            log(f"[teach] {name}: already trained (use --force to retrain)")
-            continue
-        results[name] = run(ws, opts, name)
+        policy = None if auto_augment.lower() == "none" else auto_augment
+        ws.exp.teach.auto_augment = check_auto_augment(policy)
+    if baseline and baseline not in KINDS:
+        raise MlfdError(f"unknown --baseline {baseline!r}: choose {', '.join(KINDS)}")
+    if arch is not None:
+        _default_size(arch)
+    names = _names(ws, dataset)
+    with _session(ws, opts):
+        if baseline:
+            res = train_baseline(ws, opts, baseline, arch, input_size)
+            _emit(json_out, {"workdir": str(ws.root), "baseline": baseline, "metrics": res})
+            return
+        results = {}
+        for name in names:
+            st = teacher_status(ws, name)
+            if st.ok and not force:
+                log(f"[teach] {name}: up to date (--force retrains)")
+                continue
+            log(f"[teach] {name}: {st.reason}")
+            results[name] = run(ws, opts, name)
     _emit(json_out, {"workdir": str(ws.root), "trained": results})
 
 
@@ -208,21 +260,24 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
 def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
           seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
           preset: Preset = None, dataset: Datasets = None, pipeline: Pipeline = "auto",
-          force: Force = False):
+          force: Force = False, restart: Restart = False):
     """Cache teacher embeddings at L_K for all datasets; then joint targets if `fuse` ran.
+
+    Missing, stale or corrupt groups are (re)written; an interrupted extraction resumes
+    at its last complete chunk.
 
     Example: mlfd cache --workdir runs/demo --levels 2
     """
     from mlfd.stages import cache_targets, cache_teachers
-    from mlfd.stages.cache import check_levels
+    from mlfd.stages.fuse import joint_status
 
+    opts = _opts(device, pipeline, force=force, restart=restart)
     ws = _open(workdir, dataset, preset, None, None, seed, data_root, None, None, None, levels)
-    opts = _opts(device, pipeline, force=force)
     k = _levels(ws, levels)
-    check_levels(ws, k)
-    done = {"teachers": cache_teachers(ws, opts, k), "targets": []}
-    if (ws.joint_dir(k) / "last.safetensors").exists():
-        done["targets"] = cache_targets(ws, opts, k)
+    with _session(ws, opts, k):
+        done = {"teachers": cache_teachers(ws, opts, k), "targets": []}
+        if joint_status(ws, k).ok:
+            done["targets"] = cache_targets(ws, opts, k)
     _emit(json_out, {"workdir": str(ws.root), "levels": k, "written": done})
 
 
@@ -230,16 +285,28 @@ def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto
 def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
          seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
          preset: Preset = None, epochs: Epochs = None, batch_size: BatchSize = None,
-         lr: Lr = None):
+         lr: Lr = None, force: Force = False, restart: Restart = False):
     """Train the joint teacher on the cached teacher embeddings of all datasets.
+
+    An up-to-date joint teacher is kept (--force retrains); an interrupted run resumes.
 
     Example: mlfd fuse --workdir runs/demo --levels 2 --epochs 10
     """
+    from mlfd.engine.progress import log
     from mlfd.stages import fuse as run
+    from mlfd.stages.fuse import joint_status
 
+    opts = _opts(device, force=force, restart=restart)
     ws = _open(workdir, None, preset, None, None, seed, data_root, epochs, batch_size, lr, levels)
     k = _levels(ws, levels)
-    res = run(ws, _opts(device), k)
+    with _session(ws, opts, k):
+        st = joint_status(ws, k)
+        if st.ok and not force:
+            log(f"[fuse] joint teacher L{k}: up to date (--force retrains)")
+            res = st.meta.get("metrics", {})
+        else:
+            log(f"[fuse] joint teacher L{k}: {st.reason}")
+            res = run(ws, opts, k)
     _emit(json_out, {"workdir": str(ws.root), "levels": k, "metrics": res})
 
 
@@ -249,8 +316,11 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
             json_out: Json = False, preset: Preset = None, teacher: Teacher = None,
             input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
             lr: Lr = None, pipeline: Pipeline = "auto", loss_backend: LossBackend = None,
-            force: Force = False):
-    """Distil students; first runs (and announces) any missing teach/cache/fuse step.
+            force: Force = False, restart: Restart = False):
+    """Distil students; first runs (and announces) any missing or stale teach/cache/fuse step.
+
+    Up-to-date results are reused; the plan says why each step runs. Interrupted
+    training resumes from its last finished epoch (--restart starts over).
 
     Examples:\n
       mlfd distill --dataset fashion-mnist-mini --levels 2\n
@@ -259,12 +329,14 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
     """
     from mlfd.stages import run_distill
 
+    opts = _opts(device, pipeline, loss_backend, force, restart)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
                lr, levels)
-    opts = _opts(device, pipeline, loss_backend, force)
     k = _levels(ws, levels)
-    steps = run_distill(ws, opts, _names(ws, dataset), k)
-    rows, reports = _report(ws, opts)
+    names = _names(ws, dataset)
+    with _session(ws, opts, k):
+        steps = run_distill(ws, opts, names, k)
+        rows, reports = _report(ws, opts)
     _emit(json_out, {"workdir": str(ws.root), "levels": k,
                      "steps": [vars(s) for s in steps], "rows": rows, "reports": reports}, rows)
 
@@ -272,12 +344,15 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
 @app.command("eval")
 def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot = None,
           json_out: Json = False, pipeline: Pipeline = "auto"):
-    """Top-1/top-5 of every trained model and the paper-style comparison table.
+    """Top-1/top-5 of every complete model and the paper-style comparison table.
+
+    Incomplete, corrupt or stale results are listed with their status, never as results.
 
     Example: mlfd eval --workdir runs/demo --json
     """
+    opts = _opts(device, pipeline)
     ws = _open(workdir, None, None, None, None, None, data_root, None, None, None, None)
-    rows, reports = _report(ws, _opts(device, pipeline))
+    rows, reports = _report(ws, opts)
     _emit(json_out, {"workdir": str(ws.root), "rows": rows, "reports": reports}, rows)
 
 
@@ -300,20 +375,48 @@ def info(json_out: Json = False):
 
 
 def main() -> None:
+    """Exit codes: 0 ok, 1 internal error (a bug), 2 bad input or state, 3 filesystem,
+    4 workdir in use by another run, 130 interrupted."""
+    import click
+
     try:
-        app()
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.NoArgsIsHelpError as e:
+        print(e.ctx.get_help())
+        sys.exit(0)
+    except click.ClickException as e:  # usage errors: one line, like every other error
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
     except MlfdError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted: finished checkpoints and caches are kept", file=sys.stderr)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        from mlfd.engine.artifact import interrupt_note
+
+        note = interrupt_note()
+        print("interrupted: finished results are kept"
+              + (f"; {note}" if note else ""), file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        sys.exit(3)
     except Exception as e:  # a bug, not bad input: one line unless asked for the traceback
         if os.environ.get("MLFD_DEBUG"):
             raise
         print(f"internal error: {e.__class__.__name__}: {e} (set MLFD_DEBUG=1 for a traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def _os_error(e: OSError) -> str:
+    """The filesystem's refusal in one line, naming the path."""
+    what = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.ENOTDIR: "not a directory", errno.EDQUOT: "disk quota exceeded"}
+    reason = what.get(e.errno, e.strerror or str(e))
+    path = e.filename or ""
+    return f"{reason}: {path}" if path else reason
 
 
 if __name__ == "__main__":

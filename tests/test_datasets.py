@@ -341,8 +341,9 @@ def test_image_folder(tmp_path, other):
 
 def test_image_folder_gray_and_errors(tmp_path):
     gray = tmp_path / "gray"
-    save_png(gray / "train" / "a" / "x.png", "L")
-    save_png(gray / "test" / "a" / "y.jpg", "L")
+    for cls in ("a", "b"):  # two classes: one alone is refused
+        save_png(gray / "train" / cls / "x.png", "L")
+        save_png(gray / "test" / cls / "y.jpg", "L")
     ds = reg.get_dataset(gray)
     assert ds.channels == 1 and len(ds.mean) == 1
 

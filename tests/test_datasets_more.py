@@ -257,10 +257,11 @@ def test_csv_labels_mixed_are_names():
 
 def test_image_folder_still_wins_over_train_csv(tmp_path):
     root = tmp_path / "both"
-    save_image(root / "train" / "a" / "x.png")
-    save_image(root / "test" / "a" / "y.png")
+    for cls in ("a", "b"):
+        save_image(root / "train" / cls / "x.png")
+        save_image(root / "test" / cls / "y.png")
     (root / "train.csv").write_text("nonsense\n")
-    assert reg.get_dataset(root).classes == ["a"]
+    assert reg.get_dataset(root).classes == ["a", "b"]
 
 
 def _csv_error(tmp_path: Path, text: str) -> str:

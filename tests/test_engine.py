@@ -8,7 +8,7 @@ import torch
 from mlfd.engine.checkpoint import file_sha256, load_into, load_meta, save_checkpoint
 from mlfd.engine.metrics import Accuracy, topk_correct
 from mlfd.engine.optim import lr_factor
-from mlfd.errors import MlfdError
+from mlfd.errors import CorruptArtifact, MlfdError
 
 
 def test_lr_schedules_by_hand():
@@ -33,7 +33,7 @@ def test_topk_by_hand():
     assert hits == {1: 1, 2: 2, 5: 3}  # k above C counts every sample
     acc = Accuracy()
     acc.update(logits, labels)
-    assert acc.result() == {"top1": 1 / 3, "top5": 1.0, "n": 3}
+    assert acc.result() == {"top1": 1 / 3, "top5": None, "n": 3}  # top-5 of 3 classes: n/a
 
 
 def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
@@ -48,5 +48,5 @@ def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
     with pytest.raises(MlfdError, match="does not fit"):
         load_into(torch.nn.Linear(4, 2), tmp_path / "m" / "last", "wider linear")
     (tmp_path / "m" / "last.safetensors").write_bytes(b"garbage")
-    with pytest.raises(MlfdError, match="unreadable"):
+    with pytest.raises(CorruptArtifact, match="does not match its recorded sha256"):
         load_into(b, tmp_path / "m" / "last", "linear")

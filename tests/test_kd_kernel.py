@@ -7,6 +7,7 @@ two-sweep (wide C) code paths that the GPU takes at real sizes.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -240,3 +241,155 @@ def test_kd_loss_routes_triton_backend(monkeypatch, seed):
         torch.testing.assert_close(got_terms[name], ref_terms[name], rtol=1e-5, atol=1e-6)
     for g, x in zip(grads, [s, *us], strict=True):
         torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-7)
+
+
+# -- masked teacher classes (-inf logits) ---------------------------------------------------
+# With tile 16 and C = 17 the logits take the two-sweep path: chunk [0, 16), then [16, 17).
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_teacher_chunk_all_neg_inf(dtype, tile, seed):
+    cfg = KDLossConfig(temperature=2.0, level_weights=(0.5,), label_smoothing=0.1)
+    s, t, y, us, vs = make_inputs(4, 17, [(5,)], dtype)
+    with torch.no_grad():
+        t[0, :16] = float("-inf")  # whole first chunk: all mass on column 16
+        t[1, 3:9] = float("-inf")  # part of the first chunk
+        t[2, 16] = float("-inf")  # the whole second chunk
+    check_against_reference(s, t, y, us, vs, cfg, seed, upstream=2.0)
+    assert torch.isfinite(s.grad.float()).all()
+
+
+def test_teacher_chunk_all_neg_inf_hand_computed(monkeypatch):
+    monkeypatch.setattr(kd_kernel, "_INTERP_TILE", 16)
+    monkeypatch.setattr(kd_kernel, "_GPU_TILE", 16)
+    C, T, a = 17, 2.0, 0.5
+    s = torch.zeros(1, C, requires_grad=True)
+    t = torch.full((1, C), float("-inf"))
+    t[0, 16] = 0.3
+    cfg = KDLossConfig(ce_weight=1.0, soft_weight=a, temperature=T)
+    loss, terms = kd_kernel.kd_loss_triton(s, t, torch.tensor([4]), [], [], cfg)
+    loss.backward()
+    # uniform student: CE = softCE = log 17; p_t is one-hot on column 16
+    assert terms["ce"].item() == pytest.approx(math.log(C), rel=1e-6)
+    assert terms["kd"].item() == pytest.approx(a * T * T * math.log(C), rel=1e-6)
+    expected = torch.full((1, C), (1.0 + a * T) / C)
+    expected[0, 4] -= 1.0
+    expected[0, 16] -= a * T
+    torch.testing.assert_close(s.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning",
+                            "ignore:divide by zero:RuntimeWarning")  # the expected NaN
+def test_all_neg_inf_teacher_row_is_nan_like_reference(tile, seed):
+    # no teacher distribution exists: NaN KD term and gradient row, as F.softmax gives
+    cfg = KDLossConfig(temperature=2.0, level_weights=(1.0,), label_smoothing=0.1)
+    s, t, y, us, vs = make_inputs(3, 17, [(4,)], torch.float32)
+    with torch.no_grad():
+        t[1] = float("-inf")
+    loss, terms = kd_kernel.kd_loss_triton(s, t, y, us, vs, cfg)
+    loss.backward()
+    ref_loss, ref_terms, ref_gs, ref_gu = reference(s, t, y, us, vs, cfg, 1.0)
+    assert ref_loss.isnan() and loss.isnan() and terms["kd"].isnan()
+    for name in ["ce", "mse_L1"]:
+        close(terms[name], ref_terms[name], LOSS_RTOL, 1e-7, name, seed)
+    assert s.grad[1].isnan().all() and ref_gs[1].isnan().all()
+    close(s.grad[[0, 2]], ref_gs[[0, 2]], 1e-5, 1e-6, "grad s (finite rows)", seed)
+    close(us[0].grad, ref_gu[0], 1e-5, 1e-6, "grad u_1", seed)
+
+
+# -- labels ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [10, -1, -101, 2**40])
+def test_out_of_range_labels_raise(bad):
+    s, t, y, us, vs = make_inputs(3, 10, [], torch.float32)
+    y[1] = bad
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)") as err:
+        kd_kernel.kd_loss_triton(s, t, y, us, vs, KDLossConfig())
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+
+
+def _both_backends(s, t, y, us, vs, cfg):
+    out = []
+    for backend in ["triton", "torch"]:
+        for x in [s, *us]:
+            x.grad = None
+        loss, terms = kd_loss(s, t, y, us, vs, cfg, backend=backend)
+        (loss * 1.5).backward()
+        out.append((loss.detach(), terms, s.grad.clone(), [u.grad.clone() for u in us]))
+    return out
+
+
+def test_ignored_labels_match_torch_backend(tile, seed):
+    # -100 is F.cross_entropy's ignore_index: out of CE and its mean, still in KD and MSE
+    assert kd_kernel.IGNORE_INDEX == kd_mod.IGNORE_INDEX == -100
+    cfg = KDLossConfig(ce_weight=0.7, temperature=2.0, level_weights=(1.0,), label_smoothing=0.1)
+    s, t, y, us, vs = make_inputs(5, 19, [(7,)], torch.float32)
+    y[[1, 3]] = -100
+    (loss, terms, gs, gu), (ref_loss, ref_terms, ref_gs, ref_gu) = _both_backends(
+        s, t, y, us, vs, cfg)
+    close(loss, ref_loss, LOSS_RTOL, 1e-7, "loss", seed)
+    for name in ref_terms:
+        close(terms[name], ref_terms[name], LOSS_RTOL, 1e-7, name, seed)
+    close(gs, ref_gs, 1e-5, 1e-6, "grad s", seed)
+    close(gu[0], ref_gu[0], 1e-5, 1e-6, "grad u_1", seed)
+
+
+def test_all_labels_ignored_match_torch_backend(tile, seed):
+    # CE is 0/0 = NaN with a zero gradient in F.cross_entropy; the kernel mirrors both
+    cfg = KDLossConfig(temperature=2.0, level_weights=(1.0,), label_smoothing=0.1)
+    s, t, y, us, vs = make_inputs(3, 19, [(4,)], torch.float32)
+    y[:] = -100
+    (loss, terms, gs, gu), (ref_loss, ref_terms, ref_gs, ref_gu) = _both_backends(
+        s, t, y, us, vs, cfg)
+    assert loss.isnan() and ref_loss.isnan() and terms["ce"].isnan() and ref_terms["ce"].isnan()
+    for name in ["kd", "mse_L1"]:
+        close(terms[name], ref_terms[name], LOSS_RTOL, 1e-7, name, seed)
+    close(gs, ref_gs, 1e-5, 1e-6, "grad s", seed)
+    close(gu[0], ref_gu[0], 1e-5, 1e-6, "grad u_1", seed)
+
+
+# -- input validation (host-side, before any launch) ----------------------------------------
+B0, C0 = 3, 5
+BAD_INPUTS = [
+    ("student-1d", lambda: {"s": torch.randn(C0)}, "student logits must be"),
+    ("empty-batch", lambda: {"s": torch.randn(0, C0), "t": torch.randn(0, C0),
+                             "y": torch.zeros(0, dtype=torch.long)}, "non-empty"),
+    ("teacher-classes", lambda: {"t": torch.randn(B0, C0 + 1)}, "teacher logits"),
+    ("teacher-batch", lambda: {"t": torch.randn(B0 + 1, C0)}, "teacher logits"),
+    ("labels-length", lambda: {"y": torch.zeros(B0 + 1, dtype=torch.long)}, "labels"),
+    ("labels-2d", lambda: {"y": torch.zeros(B0, 1, dtype=torch.long)}, "labels"),
+    ("labels-float", lambda: {"y": torch.zeros(B0)}, "labels must be integer"),
+    ("level-count", lambda: {"vs": []}, "levels"),
+    ("level-batch", lambda: {"us": [torch.randn(B0 + 1, 6)]}, "level L1"),
+    ("level-width", lambda: {"vs": [torch.randn(B0, 7)]}, "level L1"),
+    ("level-empty", lambda: {"us": [torch.randn(B0, 0)], "vs": [torch.randn(B0, 0)]}, "level L1"),
+    ("student-dtype", lambda: {"s": torch.zeros(B0, C0, dtype=torch.long)}, "student logits has"),
+    ("teacher-dtype", lambda: {"t": torch.zeros(B0, C0, dtype=torch.int32)}, "teacher logits has"),
+    ("level-dtype", lambda: {"vs": [torch.zeros(B0, 6, dtype=torch.long)]}, "L1 teacher has"),
+    ("teacher-device", lambda: {"t": torch.randn(B0, C0, device="meta")}, "teacher logits is on"),
+    ("labels-device", lambda: {"y": torch.zeros(B0, dtype=torch.long, device="meta")}, "labels is"),
+    ("level-device", lambda: {"us": [torch.randn(B0, 2, 3, device="meta")]}, "L1 student is on"),
+]
+
+
+@pytest.mark.parametrize("make,match", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_rejects_mismatched_inputs(make, match):
+    args = {"s": torch.randn(B0, C0), "t": torch.randn(B0, C0),
+            "y": torch.randint(0, C0, (B0,)), "us": [torch.randn(B0, 2, 3)],
+            "vs": [torch.randn(B0, 6)]}  # per-sample sizes match: reshaped to (B, 6) each
+    args.update(make())
+    cfg = KDLossConfig(level_weights=(1.0,))
+    with pytest.raises(ValueError, match=match) as err:
+        kd_kernel.kd_loss_triton(args["s"], args["t"], args["y"], args["us"], args["vs"], cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_broadcast_views_are_read_in_place(tile, seed):
+    # zero strides (expand) are valid layouts, not mismatches: read in place, never written
+    cfg = KDLossConfig(temperature=2.0, level_weights=(1.0, 0.5))
+    B, C = 4, 19
+    s, _, y, us, _ = make_inputs(B, C, [(6,), (2, 3)], torch.float32)
+    t = torch.randn(1, C).expand(B, C)
+    vs = [torch.randn(6).expand(B, 6), torch.randn(1, 2, 1).expand(B, 2, 3)]
+    check_against_reference(s, t, y, us, vs, cfg, seed, upstream=1.0)

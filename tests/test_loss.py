@@ -77,3 +77,22 @@ def test_shape_and_option_errors():
     with pytest.raises(MlfdError):
         resolve_backend("fastest", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_ignored_labels_leave_ce_only():
+    # label -100 (F.cross_entropy's ignore_index) drops a row from CE and from CE's mean only
+    torch.manual_seed(0)
+    B, C, T, eps = 4, 5, 2.0, 0.1
+    s = torch.randn(B, C, dtype=torch.float64)
+    t = torch.randn(B, C, dtype=torch.float64)
+    u, v = [torch.randn(B, 3, dtype=torch.float64)], [torch.randn(B, 3, dtype=torch.float64)]
+    y = torch.tensor([1, -100, 3, -100])
+    cfg = KDLossConfig(ce_weight=1.0, soft_weight=1.0, temperature=T, level_weights=(1.0,),
+                       label_smoothing=eps)
+    loss, terms = kd_loss(s, t, y, u, v, cfg)
+    logp = torch.log_softmax(s, 1)
+    ce = [-(1 - eps) * logp[i, y[i]] - eps / C * logp[i].sum() for i in (0, 2)]
+    soft = -(torch.softmax(t / T, 1) * torch.log_softmax(s / T, 1)).sum(1)
+    assert terms["ce"].item() == pytest.approx(sum(ce).item() / 2, abs=1e-12)
+    assert terms["kd"].item() == pytest.approx(T * T * soft.mean().item(), abs=1e-12)
+    assert terms["mse_L1"].item() == pytest.approx(((u[0] - v[0]) ** 2).mean().item(), abs=1e-12)

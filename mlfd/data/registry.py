@@ -104,6 +104,9 @@ class Dataset:
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Every source (registry names, embedded sets, folders, npz, CSV) builds a Dataset,
+        # so this is the one place a degenerate class list is refused.
+        require_classes(_describe(self.name, self.source), len(self.classes))
         self.image_size = tuple(int(s) for s in self.image_size)
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
@@ -134,6 +137,23 @@ class Dataset:
             else:
                 self._fingerprint = _splits_fingerprint(self)
         return self._fingerprint
+
+
+MIN_CLASSES = 2
+
+
+def _describe(name: str, source: str) -> str:
+    return repr(name) if name == source else f"{name!r} ({source})"
+
+
+def require_classes(who: str, count: int, where: str = "") -> None:
+    """Refuse a dataset with fewer than :data:`MIN_CLASSES` classes (top-1 would be trivial)."""
+    if count < MIN_CLASSES:
+        noun = "class" if count == 1 else "classes"
+        raise MlfdError(
+            f"dataset {who} has {count} {noun}{where}; "
+            f"classification needs at least {MIN_CLASSES}"
+        )
 
 
 def _splits_fingerprint(ds: Dataset) -> str:
@@ -729,7 +749,7 @@ def npz_dataset(path: str | os.PathLike) -> Dataset:
         )
     mean, std = channel_stats(arrays["train"][0])
     splits = _in_memory(arrays)
-    return Dataset(
+    ds = Dataset(
         name=path.stem,
         classes=classes,
         channels=int(shape[2]),
@@ -742,6 +762,11 @@ def npz_dataset(path: str | os.PathLike) -> Dataset:
         split_names=[s for s in ("train", "val", "test") if s in splits],
         fingerprinter=_files_fingerprint("npz", [path]),
     )
+    # The labels are in memory already (no decoding): a train split that covers one class
+    # trains a constant model however many class names the file declares.
+    present = len(np.unique(arrays["train"][1]))
+    require_classes(repr(str(path)), present, f" in y_train ({len(classes)} declared)")
+    return ds
 
 
 def _listed_dataset(name: str, source: Path, parts: dict[str, list[tuple[str, str]]]) -> Dataset:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MlfdError
+from ..errors import CorruptArtifact, MlfdError
 
 
 def file_sha256(path: Path) -> str:
@@ -38,22 +38,37 @@ def save_checkpoint(stem: Path, state_dict: dict, meta: dict) -> str:
     return sha
 
 
-def epoch_saver(out: Path, state_fn, meta: dict, epochs: int):
-    """The ``save(which, epoch, row)`` callback of ``fit``: weights from ``state_fn()``, the
-    stage's metadata, the epoch's metrics, and ``complete`` once the last epoch is done."""
-
-    def save(which: str, epoch: int, row: dict) -> None:
-        save_checkpoint(out / which, state_fn(),
-                        dict(meta, epoch=epoch, metrics=row, complete=epoch == epochs))
-
-    return save
-
-
 def load_meta(stem: Path) -> dict:
     side = stem.with_suffix(".json")
     if not side.exists():
         raise MlfdError(f"checkpoint metadata {side} is missing")
-    return json.loads(side.read_text())
+    meta = load_meta_safe(stem)
+    if meta is None:
+        raise CorruptArtifact(f"checkpoint metadata {side} is unreadable (half-written?): "
+                              "the next run of its stage redoes it")
+    return meta
+
+
+def load_meta_safe(stem: Path) -> dict | None:
+    """The JSON sidecar, or None when it is missing or damaged."""
+    try:
+        meta = json.loads(stem.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def verify_checkpoint(stem: Path) -> str | None:
+    """None when ``stem`` has weights whose sha256 matches its sidecar; else what is wrong."""
+    weights, side = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    meta = load_meta_safe(stem)
+    if meta is None:
+        return f"{side} is missing or unreadable"
+    if not weights.exists():
+        return f"{weights} is missing"
+    if meta.get("sha256") != file_sha256(weights):
+        return f"{weights} does not match its recorded sha256 (truncated or modified)"
+    return None
 
 
 def load_state(stem: Path) -> dict[str, torch.Tensor]:
@@ -63,6 +78,9 @@ def load_state(stem: Path) -> dict[str, torch.Tensor]:
     weights = stem.with_suffix(".safetensors")
     if not weights.exists():
         raise MlfdError(f"checkpoint {weights} is missing")
+    problem = verify_checkpoint(stem)
+    if problem:
+        raise CorruptArtifact(f"checkpoint {problem}: the next run of its stage redoes it")
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError) as e:

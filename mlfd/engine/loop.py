@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import MlfdError
-from .metrics import MetricsLog
+from .artifact import TrainRun
 from .optim import build_optimizer, build_scheduler
 from .progress import log, progress
 
@@ -48,21 +48,25 @@ def fit(
     batches: Callable[[int], Iterable],
     step: Callable[[object], tuple[torch.Tensor, dict, int]],
     evaluate: Callable[[], dict],
-    save: Callable[[str, int, dict], None],
-    metrics: MetricsLog,
+    run: TrainRun,
     select: str = "top1",
 ) -> FitResult:
     """Train ``model`` for cfg.epochs; ``step`` returns (loss, logged terms, items in batch).
 
-    After each epoch: ``evaluate()`` gives metrics, ``save("last", ...)`` always and
-    ``save("best", ...)`` when ``metrics[select]`` improved.
+    Resumes a staged run of the same fingerprint (``run.begin``). After each epoch,
+    ``evaluate()`` gives metrics and ``run.end_epoch`` checkpoints everything needed to
+    resume; after the last one the result is promoted over the previous complete one.
     """
     opt = build_optimizer(model.parameters(), cfg)
     sched = build_scheduler(opt, cfg, steps_per_epoch)
-    best, last, history = None, None, []
+    start, best, history = run.begin(model, opt, sched)
+    last = history[-1] if history else None
+    if start:
+        log(f"{title}: resuming after epoch {start}/{cfg.epochs} from {run.dir}")
     with progress() as prog:
-        ep_task = prog.add_task(f"{title} epochs", total=cfg.epochs, items=0, info="", unit="img")
-        for epoch in range(cfg.epochs):
+        ep_task = prog.add_task(f"{title} epochs", total=cfg.epochs, completed=start, items=0,
+                                info="", unit="img")
+        for epoch in range(start, cfg.epochs):
             model.train()
             task = prog.add_task(f"  epoch {epoch + 1}", total=steps_per_epoch, items=0, info="",
                                  unit="img")
@@ -92,16 +96,15 @@ def fit(
             model.eval()
             with torch.no_grad(), autocast(device):
                 row.update(evaluate())
-            metrics.write(**row)
             history.append(row)
             last = row
-            save("last", epoch + 1, row)
-            if best is None or row.get(select, -math.inf) > best.get(select, -math.inf):
-                best = row
-                save("best", epoch + 1, row)
-            prog.update(ep_task, advance=1, items=seen * (epoch + 1),
+            improved = best is None or row.get(select, -math.inf) > best.get(select, -math.inf)
+            best = row if improved else best
+            run.end_epoch(epoch + 1, cfg.epochs, row, improved, model, opt, sched, best, history)
+            prog.update(ep_task, advance=1, items=seen * (epoch + 1 - start),
                         info=f"{select} {row.get(select, float('nan')):.4f}")
             log(f"{title} epoch {epoch + 1}/{cfg.epochs}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                + ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in row.items()
                             if k.startswith(("train_loss", "top1", "top5")) or k.endswith("top1")))
+    run.finish()
     return FitResult(best=best or {}, last=last or {}, history=history)

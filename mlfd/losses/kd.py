@@ -5,6 +5,8 @@
 Every backend takes the same arguments and returns ``(loss, terms)``: ``loss`` is the
 differentiable total, ``terms`` maps names to the *weighted* contributions, detached,
 for logging (``ce``, ``kd``, ``mse_L1`` ... ``mse_LK``); they sum to ``loss``.
+A label of ``IGNORE_INDEX`` (-100) drops that row from the CE term and its mean, as in
+``F.cross_entropy``; the KD and feature terms still average over all B rows.
 Backends: ``torch`` (the reference and test oracle), ``compile`` (torch.compile of
 it) and ``triton`` (the fused kernel in ``mlfd_kernels``).
 """
@@ -18,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MlfdError
+
+IGNORE_INDEX = -100  # F.cross_entropy's default; the fused kernel mirrors it
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ def kd_loss_reference(
     t = teacher_logits.detach().to(acc)
     T = cfg.temperature
     terms: dict[str, torch.Tensor] = {}
-    terms["ce"] = cfg.ce_weight * F.cross_entropy(s, labels, label_smoothing=cfg.label_smoothing)
+    terms["ce"] = cfg.ce_weight * F.cross_entropy(s, labels, ignore_index=IGNORE_INDEX,
+                                                  label_smoothing=cfg.label_smoothing)
     p_t = F.softmax(t / T, dim=1)
     soft_ce = -(p_t * F.log_softmax(s / T, dim=1)).sum(dim=1).mean()
     terms["kd"] = cfg.soft_weight * T * T * soft_ce

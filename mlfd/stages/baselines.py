@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from ..data.pipeline import InputSpec
 from ..data.sampling import train_order
-from ..engine.checkpoint import epoch_saver
+from ..engine.artifact import TrainRun
+from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
-from ..engine.metrics import MetricsLog
 from ..engine.progress import log
 from ..errors import MlfdError
 from ..models import create_backbone
@@ -59,6 +59,13 @@ class MultiDatasetModel(nn.Module):
 
 def baseline_dir(ws: Workspace, kind: str, arch: str):
     return ws.root / "baselines" / f"{kind}-{arch}"
+
+
+def baseline_fingerprint(ws: Workspace, kind: str, arch: str, size: int) -> dict:
+    data = {n: dataset_of(ws, n).fingerprint() for n in ws.exp.names()}
+    hflip = {e.name: e.hflip for e in ws.exp.datasets}
+    return flatten({"baseline": kind, "arch": arch, "input_size": size, "data": data,
+                    "hflip": hflip, "teach": ws.exp.teach, "seed": ws.exp.seed})
 
 
 def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None = None,
@@ -110,27 +117,39 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
                      num_classes=[d.num_classes for d in data], train=vars(cfg).copy(),
                      seed=exp.seed)
 
-    save = epoch_saver(out, model.state_dict, meta, cfg.epochs)
+    run = TrainRun(out, meta, baseline_fingerprint(ws, kind, arch, size), model.state_dict,
+                   restart=opts.restart, title=f"{kind} {arch}")
     log(f"[teach] {kind} baseline: {arch} over {len(names)} datasets, {cfg.epochs} epochs")
     res = fit(title=f"{kind} {arch}", model=model, cfg=cfg, device=opts.device,
-              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, save=save,
-              metrics=MetricsLog(out / "metrics.jsonl"))
+              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, run=run)
     return res.last
 
 
 def baseline_rows(ws: Workspace, opts: RunOptions) -> list[dict]:
     """Test accuracy of every trained baseline of this experiment, per dataset."""
-    from ..engine.checkpoint import load_into, load_meta
+    from ..engine.artifact import Artifact
+    from ..engine.checkpoint import load_into, load_meta_safe
+    from .evaluate import status_rows
 
     rows = []
-    for weights in sorted((ws.root / "baselines").glob("*/last.safetensors")):
-        stem = weights.with_suffix("")
-        meta = load_meta(stem)
+    base = ws.root / "baselines"
+    found = sorted({p.name.strip(".").removesuffix(".partial").removesuffix(".old")
+                    for p in base.iterdir() if p.is_dir()}) if base.is_dir() else []
+    for dirname in found:
+        art = Artifact(base / dirname)
+        meta = load_meta_safe(art.final / "last") or art.partial() or {}
         if meta.get("datasets") != ws.exp.names():
-            log(f"[eval] skipping {weights.parent.name}: trained on other datasets")
+            log(f"[eval] skipping baseline {dirname}: trained on other datasets")
+            continue
+        st = art.status(baseline_fingerprint(ws, meta["baseline"], meta["arch"],
+                                             meta["input_size"]))
+        row, listed = status_rows(art, st, model=meta["baseline"], arch=meta["arch"],
+                                  levels=None)
+        rows += [dict(r, dataset=n) for r in listed for n in meta["datasets"]]
+        if row is None:
             continue
         model = MultiDatasetModel(meta["arch"], meta["num_classes"], meta["baseline"])
-        load_into(model, stem, f"{meta['baseline']} baseline ({meta['arch']})")
+        load_into(model, art.final / "last", f"{meta['baseline']} baseline ({meta['arch']})")
         model.to(opts.device).eval()
         size = meta["input_size"]
         for d, name in enumerate(meta["datasets"]):
@@ -138,6 +157,5 @@ def baseline_rows(ws: Workspace, opts: RunOptions) -> list[dict]:
             spec = InputSpec((size, size), 3, tuple(ds.mean), tuple(ds.std))
             r = evaluate_images(ws, opts, name, spec,
                                 lambda x, m=model, d=d: m.dataset_logits(x, d))
-            rows.append(dict(dataset=name, model=meta["baseline"], arch=meta["arch"], levels=None,
-                             epoch=meta.get("epoch"), **r))
+            rows.append(dict(row, dataset=name, **r))
     return rows

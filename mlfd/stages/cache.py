@@ -14,7 +14,7 @@ import torch
 
 from ..cache import CacheGroup, digest
 from ..data.sampling import eval_order
-from ..engine.checkpoint import load_meta
+from ..engine.checkpoint import load_meta, load_meta_safe
 from ..engine.progress import log, progress
 from ..errors import MlfdError
 from ..models import JointTeacher, level_shapes
@@ -28,11 +28,11 @@ def _views(ws: Workspace, split: str) -> int:
     return ws.exp.cache.views if split == "train" else 1
 
 
-def teacher_fingerprint(ws: Workspace, levels: int, data_name: str, split: str) -> dict:
+def embedding_fingerprint(ws: Workspace, levels: int, data_name: str, split: str) -> dict:
     teachers = {}
     for e in ws.exp.datasets:
         stem = ws.teacher_dir(e.name) / "last"
-        sha = load_meta(stem)["sha256"] if stem.with_suffix(".json").exists() else None
+        sha = (load_meta_safe(stem) or {}).get("sha256")
         teachers[e.name] = {"sha256": sha, "arch": e.arch,
                             "input": input_spec(ws, e.name).to_dict()}
     return {
@@ -46,14 +46,14 @@ def teacher_fingerprint(ws: Workspace, levels: int, data_name: str, split: str) 
 
 def teacher_group(ws: Workspace, levels: int, data_name: str, split: str) -> CacheGroup:
     return CacheGroup(ws.teacher_cache(levels) / data_name / split,
-                      teacher_fingerprint(ws, levels, data_name, split))
+                      embedding_fingerprint(ws, levels, data_name, split))
 
 
 def target_fingerprint(ws: Workspace, levels: int, data_name: str) -> dict:
     stem = ws.joint_dir(levels) / "last"
-    sha = load_meta(stem)["sha256"] if stem.with_suffix(".json").exists() else None
+    sha = (load_meta_safe(stem) or {}).get("sha256")
     return {"kind": "joint-targets", "level": levels, "dataset": data_name, "split": "train",
-            "joint_sha256": sha, "teacher_cache": digest(teacher_fingerprint(
+            "joint_sha256": sha, "teacher_cache": digest(embedding_fingerprint(
                 ws, levels, data_name, "train")), "dtype": ws.exp.cache.dtype}
 
 
@@ -82,6 +82,8 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
     dtype = ws.exp.cache.dtype
     todo = [(d.name, s) for d in ws.exp.datasets for s in SPLITS
             if opts.force or teacher_group(ws, levels, d.name, s).status() != "ok"]
+    for d, s in todo:
+        log(f"[cache] teachers L{levels} {d}/{s}: {teacher_group(ws, levels, d, s).reason()}")
     if not todo:
         return []
     teachers = [load_teacher(ws, e.name, opts.device)[0] for e in ws.exp.datasets]
@@ -96,11 +98,14 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
             arrays = {e.name: ((len(data), V, *shape), dtype)
                       for e, shape in zip(ws.exp.datasets, shapes)}
             arrays["labels"] = ((len(data),), "int64")
-            writer = group.begin(arrays)
+            writer = group.begin(arrays, restart=opts.restart)
             writer.append("labels", np.asarray(data.labels, dtype=np.int64))
-            order = eval_order(len(data), V)
             batch = max(V, bs // V * V)  # whole samples per batch: rows reshape to (b, V, ...)
             for t, e in zip(teachers, ws.exp.datasets):
+                start = writer.cursor(e.name)  # resume an interrupted extraction at its chunk
+                if start == len(data):
+                    continue
+                order = eval_order(len(data), V)[start * V:]
                 task = prog.add_task(f"cache L{levels} {e.name} on {data_name}/{split}",
                                      total=(len(order) + batch - 1) // batch, items=0, info="",
                                      unit="img")
@@ -133,6 +138,8 @@ def load_joint(ws: Workspace, levels: int, device: torch.device) -> tuple[JointT
     if not stem.with_suffix(".safetensors").exists():
         raise MlfdError(f"no joint teacher for L{levels} ({stem}.safetensors): run `mlfd fuse`")
     meta = load_meta(stem)
+    if not meta.get("complete"):
+        raise MlfdError(f"joint teacher {stem}.safetensors is incomplete: run `mlfd fuse`")
     joint = build_joint(ws, meta["teacher_shapes"], levels)
     load_into(joint, stem, f"joint teacher L{levels}")
     return joint.to(device).eval().requires_grad_(False), meta
@@ -157,6 +164,8 @@ def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
     """Joint-teacher logits and L1..LK for every (train image, view) of the given datasets."""
     names = names or ws.exp.names()
     todo = [n for n in names if opts.force or target_group(ws, levels, n).status() != "ok"]
+    for n in todo:
+        log(f"[cache] targets L{levels} {n}: {target_group(ws, levels, n).reason()}")
     if not todo:
         return []
     joint, _ = load_joint(ws, levels, opts.device)
@@ -169,10 +178,11 @@ def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
         arrays = {"logits": ((N, V, joint.num_classes[d_idx]), dtype), "labels": ((N,), "int64")}
         for k, shape in enumerate(joint.embed_shapes):
             arrays[f"L{k + 1}"] = ((N, V, *shape), dtype)
-        writer = group.begin(arrays)
+        writer = group.begin(arrays, restart=opts.restart)
         writer.append("labels", labels)
         bs = max(1, 1024 // V)
-        for start in range(0, N, bs):
+        first = min(writer.cursor(k) for k in arrays)  # resume at the least-written array
+        for start in range(first, N, bs):
             rows = np.repeat(np.arange(start, min(N, start + bs)), V)
             views = np.tile(np.arange(V), len(rows) // V)
             emb = joint_forward_cached(joint, feats, rows, views, opts.device)

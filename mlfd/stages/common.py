@@ -26,7 +26,8 @@ class RunOptions:
     device: torch.device
     pipeline: str = "auto"
     loss_backend: str | None = None
-    force: bool = False
+    force: bool = False  # redo a stage whose result is up to date
+    restart: bool = False  # do not resume a staged (interrupted) run
 
 
 _DATASETS: dict[tuple[str, str | None], Dataset] = {}
@@ -46,6 +47,14 @@ def input_spec(ws: Workspace, model_name: str) -> InputSpec:
     ds = dataset_of(ws, model_name)
     return InputSpec(size=(entry.input_size, entry.input_size), channels=3,
                      mean=tuple(ds.mean), std=tuple(ds.std))
+
+
+def model_fingerprint(ws: Workspace, name: str) -> dict:
+    """What the model of dataset ``name`` is and sees: architecture, input, data content."""
+    e = ws.exp.entry(name)
+    return {"arch": e.arch, "input_size": e.input_size, "hflip": e.hflip,
+            "drop_rate": e.drop_rate, "drop_path_rate": e.drop_path_rate,
+            "model_kwargs": e.model_kwargs, "data": dataset_of(ws, name).fingerprint()}
 
 
 def view_config(ws: Workspace, data_name: str) -> ViewConfig:
@@ -77,6 +86,9 @@ def load_teacher(ws: Workspace, name: str, device: torch.device):
         raise MlfdError(f"teacher for {name!r} is not trained yet ({stem}.safetensors): "
                         f"run `mlfd teach --dataset {name}`")
     meta = load_meta(stem)
+    if not meta.get("complete"):
+        raise MlfdError(f"teacher {stem}.safetensors is incomplete (epoch {meta.get('epoch')}): "
+                        f"run `mlfd teach --dataset {name}`")
     entry = ws.exp.entry(name)
     if meta.get("arch") != entry.arch:
         raise MlfdError(f"teacher checkpoint {stem}.safetensors is a {meta.get('arch')}, but the "

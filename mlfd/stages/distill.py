@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import digest
 from ..data.sampling import train_order
-from ..engine.checkpoint import epoch_saver, save_checkpoint
+from ..engine.artifact import Artifact, Status, TrainRun
+from ..engine.fingerprint import digest, flatten
 from ..engine.loop import fit, seed_everything
-from ..engine.metrics import MetricsLog
 from ..engine.progress import log
 from ..errors import MlfdError
 from ..losses import KDLossConfig, kd_loss, resolve_backend
 from ..models import Student, build_level_backbone, level_shapes
 from ..workspace import Workspace
 from .cache import target_group
-from .common import RunOptions, base_meta, dataset_of, evaluate_images, input_spec, pipeline_for
+from .common import (
+    RunOptions,
+    base_meta,
+    dataset_of,
+    evaluate_images,
+    input_spec,
+    model_fingerprint,
+    pipeline_for,
+)
 
 
 def loss_config(ws: Workspace, levels: int) -> KDLossConfig:
@@ -32,6 +39,18 @@ def loss_config(ws: Workspace, levels: int) -> KDLossConfig:
     return KDLossConfig(ce_weight=cfg.ce_weight, soft_weight=cfg.soft_weight,
                         temperature=cfg.temperature, level_weights=tuple(weights[:levels]),
                         label_smoothing=cfg.label_smoothing)
+
+
+def student_fingerprint(ws: Workspace, name: str, levels: int) -> dict:
+    """A student depends on its model and data, the distill config (the loss backend aside:
+    both backends compute the same loss), the seed and the joint teacher's targets."""
+    cfg = {k: v for k, v in vars(ws.exp.distill).items() if k != "loss_backend"}
+    return flatten({"model": model_fingerprint(ws, name), "distill": cfg, "seed": ws.exp.seed,
+                    "levels": levels, "targets": digest(target_group(ws, levels, name).fingerprint)})
+
+
+def student_status(ws: Workspace, name: str, levels: int) -> Status:
+    return Artifact(ws.student_dir(name, levels)).status(student_fingerprint(ws, name, levels))
 
 
 def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
@@ -75,19 +94,16 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
                               kd_cfg, backend=backend)
         return loss, terms, len(b)
 
-    save_weights = epoch_saver(out, student.backbone.model.state_dict, meta, cfg.epochs)
-
-    def save(which, epoch, row):
-        # Exported students are plain timm models; adaptors are kept aside for inspection.
-        save_weights(which, epoch, row)
-        if which == "last":
-            save_checkpoint(out / "adaptors", student.adaptors.state_dict(),
-                            {"kind": "student-adaptors", "epoch": epoch})
+    # Exported students are plain timm models; adaptors are kept aside for inspection.
+    run = TrainRun(out, meta, student_fingerprint(ws, name, levels),
+                   student.backbone.model.state_dict,
+                   extras={"adaptors": student.adaptors.state_dict}, restart=opts.restart,
+                   title=f"distill {name} L{levels}")
 
     log(f"[distill] {name}: {entry.arch} student, levels L1..L{levels}, loss backend {backend}, "
         f"{N} images x {V} cached views")
     res = fit(title=f"distill {name} L{levels}", model=student, cfg=cfg, device=opts.device,
               steps_per_epoch=steps, batches=batches, step=step,
               evaluate=lambda: evaluate_images(ws, opts, name, spec, student.backbone.model),
-              save=save, metrics=MetricsLog(out / "metrics.jsonl"))
+              run=run)
     return res.last

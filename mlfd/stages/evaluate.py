@@ -1,10 +1,16 @@
-"""Stage `eval`: top-1/top-5 of every trained model on its test split."""
+"""Stage `eval`: top-1/top-5 of every trained model on its test split.
+
+Only complete results are measured. Each row carries a ``status``: ``complete``, ``stale``
+(complete, but made for other inputs than the experiment now asks for: measured and
+marked), or ``incomplete`` / ``corrupt`` (listed without numbers, never as results).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from ..engine.artifact import Artifact, Status
 from ..engine.checkpoint import load_into, load_meta
 from ..engine.metrics import Accuracy
 from ..engine.progress import log
@@ -14,14 +20,18 @@ from ..workspace import Workspace
 from .baselines import baseline_rows
 from .cache import load_joint, load_teacher_inputs, teacher_group
 from .common import RunOptions, evaluate_images, input_spec, load_teacher
+from .distill import student_status
+from .fuse import joint_status
+from .teach import teacher_status
 
 
 def trained_levels(ws: Workspace, kind: str, name: str | None = None) -> list[int]:
+    """Levels with a result or a run in progress (``L2`` or ``.L2.partial``)."""
     base = ws.root / "joint" if kind == "joint" else ws.root / "students" / str(name)
     if not base.is_dir():
         return []
-    return sorted(int(p.name[1:]) for p in base.glob("L*")
-                  if p.name[1:].isdigit() and (p / "last.safetensors").exists())
+    found = {p.name.strip(".").split(".")[0] for p in base.iterdir() if p.is_dir()}
+    return sorted(int(n[1:]) for n in found if n.startswith("L") and n[1:].isdigit())
 
 
 def load_student(ws: Workspace, name: str, levels: int, device) -> torch.nn.Module:
@@ -49,23 +59,51 @@ def joint_accuracy(ws: Workspace, opts: RunOptions, levels: int) -> dict[str, di
     return out
 
 
+def status_rows(art: Artifact, st: Status, **row) -> tuple[dict | None, list[dict]]:
+    """(the row to measure, or None; rows listed without numbers) for one artifact."""
+    listed = []
+    partial = art.partial()
+    if partial is not None:
+        listed.append(dict(row, status="incomplete", epoch=partial.get("epoch"),
+                           epochs=partial.get("epochs"), top1=None, top5=None, n=None,
+                           reason=f"run in progress or interrupted: {art.staging}"))
+    if st.state in ("missing",):
+        return None, listed
+    if st.state in ("corrupt", "incomplete"):
+        listed.append(dict(row, status=st.state, epoch=st.meta.get("epoch"), top1=None,
+                           top5=None, n=None, reason=st.reason))
+        return None, listed
+    measure = dict(row, status="complete" if st.ok else "stale", epoch=st.meta.get("epoch"),
+                   epochs=st.meta.get("epochs"), reason=st.reason)
+    return measure, listed
+
+
 def evaluate(ws: Workspace, opts: RunOptions) -> list[dict]:
-    """Rows {dataset, model, arch, levels, top1, top5, n} for every trained model."""
+    """Rows {dataset, model, arch, levels, status, top1, top5, n, ...} for every model."""
     rows = []
     for e in ws.exp.datasets:
         spec = input_spec(ws, e.name)
-        if (ws.teacher_dir(e.name) / "last.safetensors").exists():
-            teacher, meta = load_teacher(ws, e.name, opts.device)
-            r = evaluate_images(ws, opts, e.name, spec, teacher.model)
-            rows.append(dict(dataset=e.name, model="teacher", arch=e.arch, levels=None,
-                             epoch=meta.get("epoch"), **r))
+        art = Artifact(ws.teacher_dir(e.name))
+        row, listed = status_rows(art, teacher_status(ws, e.name), dataset=e.name,
+                                  model="teacher", arch=e.arch, levels=None)
+        if row:
+            teacher, _ = load_teacher(ws, e.name, opts.device)
+            rows.append(dict(row, **evaluate_images(ws, opts, e.name, spec, teacher.model)))
+        rows += listed
         for k in trained_levels(ws, "student", e.name):
-            student = load_student(ws, e.name, k, opts.device)
-            r = evaluate_images(ws, opts, e.name, spec, student)
-            rows.append(dict(dataset=e.name, model="student", arch=e.arch, levels=k,
-                             epoch=load_meta(ws.student_dir(e.name, k) / "last").get("epoch"),
-                             **r))
+            art = Artifact(ws.student_dir(e.name, k))
+            row, listed = status_rows(art, student_status(ws, e.name, k), dataset=e.name,
+                                      model="student", arch=e.arch, levels=k)
+            if row:
+                student = load_student(ws, e.name, k, opts.device)
+                rows.append(dict(row, **evaluate_images(ws, opts, e.name, spec, student)))
+            rows += listed
     for k in trained_levels(ws, "joint"):
+        row, listed = status_rows(Artifact(ws.joint_dir(k)), joint_status(ws, k),
+                                  model="joint", arch="joint", levels=k)
+        rows += [dict(r, dataset=n) for r in listed for n in ws.exp.names()]
+        if row is None:
+            continue
         if any(teacher_group(ws, k, n, "test").status() != "ok" for n in ws.exp.names()):
             log(f"[eval] skipping joint teacher L{k}: its teacher cache is missing or stale")
             continue
@@ -74,11 +112,10 @@ def evaluate(ws: Workspace, opts: RunOptions) -> list[dict]:
         except MlfdError as err:
             log(f"[eval] skipping joint teacher L{k}: {err}")
             continue
-        epoch = load_meta(ws.joint_dir(k) / "last").get("epoch")
-        for name, r in accs.items():
-            rows.append(dict(dataset=name, model="joint", arch="joint", levels=k, epoch=epoch, **r))
+        rows += [dict(row, dataset=name, **r) for name, r in accs.items()]
     rows += baseline_rows(ws, opts)
     order = {"teacher": 0, "multi-head": 1, "joint-head": 2, "joint": 3, "student": 4}
     names = ws.exp.names()
-    rows.sort(key=lambda r: (names.index(r["dataset"]), order[r["model"]], r["levels"] or 0))
+    rows.sort(key=lambda r: (names.index(r["dataset"]), order[r["model"]], r["levels"] or 0,
+                             r["status"] == "incomplete"))
     return rows

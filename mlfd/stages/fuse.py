@@ -11,21 +11,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cache import digest
 from ..data.sampling import train_order
-from ..engine.checkpoint import epoch_saver
+from ..engine.artifact import Artifact, Status, TrainRun
+from ..engine.fingerprint import digest, flatten
 from ..engine.loop import fit, seed_everything
-from ..engine.metrics import Accuracy, MetricsLog
+from ..engine.metrics import Accuracy
 from ..engine.progress import log
 from ..models import level_shapes
 from ..workspace import Workspace
-from .cache import build_joint, joint_forward_cached, load_teacher_inputs, teacher_fingerprint
+from .cache import build_joint, embedding_fingerprint, joint_forward_cached, load_teacher_inputs
 from .common import RunOptions, base_meta, dataset_of, load_teacher
 
 
-def joint_inputs_digest(ws: Workspace, levels: int) -> str:
-    return digest([teacher_fingerprint(ws, levels, n, s)
-                   for n in ws.exp.names() for s in ("train", "test")])
+def joint_fingerprint(ws: Workspace, levels: int) -> dict:
+    """The joint teacher depends on its config, the seed and the cached teacher embeddings."""
+    inputs = {f"{n}/{s}": digest(embedding_fingerprint(ws, levels, n, s))
+              for n in ws.exp.names() for s in ("train", "test")}
+    return flatten({"fuse": ws.exp.fuse, "seed": ws.exp.seed, "levels": levels,
+                    "embeddings": inputs})
+
+
+def joint_status(ws: Workspace, levels: int) -> Status:
+    return Artifact(ws.joint_dir(levels)).status(joint_fingerprint(ws, levels))
 
 
 def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
@@ -45,7 +52,7 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
     out = ws.joint_dir(levels)
     meta = base_meta("joint", levels=levels, datasets=names, teacher_shapes=shapes,
                      num_classes=[dataset_of(ws, n).num_classes for n in names],
-                     inputs_digest=joint_inputs_digest(ws, levels), train=vars(cfg).copy(),
+                     train=vars(cfg).copy(),
                      seed=ws.exp.seed)
 
     def batches(epoch):
@@ -87,9 +94,9 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
         row["top1"] = float(np.mean(top1))
         return row
 
-    save = epoch_saver(out, joint.state_dict, meta, cfg.epochs)
+    run = TrainRun(out, meta, joint_fingerprint(ws, levels), joint.state_dict,
+                   restart=opts.restart, title=f"fuse L{levels}")
     log(f"[fuse] joint teacher L{levels} over {len(names)} teachers, {total} samples x {V} views")
     res = fit(title=f"fuse L{levels}", model=joint, cfg=cfg, device=opts.device,
-              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, save=save,
-              metrics=MetricsLog(out / "metrics.jsonl"))
+              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, run=run)
     return res.last

@@ -5,23 +5,31 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..data.sampling import train_order
-from ..engine.checkpoint import epoch_saver
+from ..engine.artifact import Artifact, Status, TrainRun
+from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
-from ..engine.metrics import MetricsLog
 from ..engine.progress import log
 from ..models import build_level_backbone
 from ..workspace import Workspace
-from .common import RunOptions, base_meta, dataset_of, evaluate_images, input_spec, pipeline_for
+from .common import (
+    RunOptions,
+    base_meta,
+    dataset_of,
+    evaluate_images,
+    input_spec,
+    model_fingerprint,
+    pipeline_for,
+)
 
 
-def teacher_done(ws: Workspace, name: str) -> bool:
-    from ..engine.checkpoint import load_meta
+def teacher_fingerprint(ws: Workspace, name: str) -> dict:
+    """Everything a teacher's weights depend on: data, model, training config, seed."""
+    return flatten({"model": model_fingerprint(ws, name), "teach": ws.exp.teach,
+                    "seed": ws.exp.seed})
 
-    stem = ws.teacher_dir(name) / "last"
-    if not stem.with_suffix(".safetensors").exists() or not stem.with_suffix(".json").exists():
-        return False
-    meta = load_meta(stem)
-    return meta.get("arch") == ws.exp.entry(name).arch and meta.get("complete", False)
+
+def teacher_status(ws: Workspace, name: str) -> Status:
+    return Artifact(ws.teacher_dir(name)).status(teacher_fingerprint(ws, name))
 
 
 def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
@@ -32,7 +40,6 @@ def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
     seed_everything(ws.exp.seed)
     model = build_level_backbone(entry, ds.num_classes).to(opts.device)
     spec = input_spec(ws, name)
-    out = ws.teacher_dir(name)
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     meta = base_meta("teacher", dataset=name, source=entry.source,
                      dataset_fingerprint=ds.fingerprint(), arch=entry.arch,
@@ -51,12 +58,11 @@ def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
         loss = F.cross_entropy(logits.float(), b.labels, label_smoothing=cfg.label_smoothing)
         return loss, {}, len(b)
 
-    save = epoch_saver(out, model.model.state_dict, meta, cfg.epochs)
-
+    run = TrainRun(ws.teacher_dir(name), meta, teacher_fingerprint(ws, name),
+                   model.model.state_dict, restart=opts.restart, title=f"teach {name}")
     log(f"[teach] {name}: {entry.arch} on {len(train)} images, {cfg.epochs} epochs, "
         f"{entry.input_size}px, device {opts.device}")
     res = fit(title=f"teach {name}", model=model, cfg=cfg, device=opts.device,
               steps_per_epoch=steps, batches=batches, step=step,
-              evaluate=lambda: evaluate_images(ws, opts, name, spec, model.model),
-              save=save, metrics=MetricsLog(out / "metrics.jsonl"))
+              evaluate=lambda: evaluate_images(ws, opts, name, spec, model.model), run=run)
     return res.last
