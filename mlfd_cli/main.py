@@ -377,21 +377,22 @@ def info(json_out: Json = False):
 def main() -> None:
     """Exit codes: 0 ok, 1 internal error (a bug), 2 bad input or state, 3 filesystem,
     4 workdir in use by another run, 130 interrupted."""
-    import click
-
+    usage_errors, no_args, aborts = _click_exceptions()
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into Exit(130)
+            raise KeyboardInterrupt
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.NoArgsIsHelpError as e:
+    except no_args as e:
         print(e.ctx.get_help())
         sys.exit(0)
-    except click.ClickException as e:  # usage errors: one line, like every other error
+    except usage_errors as e:  # usage errors: one line, like every other error
         print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
     except MlfdError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *aborts):
         from mlfd.engine.artifact import interrupt_note
 
         note = interrupt_note()
@@ -407,6 +408,20 @@ def main() -> None:
         print(f"internal error: {e.__class__.__name__}: {e} (set MLFD_DEBUG=1 for a traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(usage errors, no-args-help, aborts) of click and of the click copy that newer typer
+    releases vendor as ``typer._click``."""
+    import click
+
+    mods = [click.exceptions]
+    with contextlib.suppress(ImportError):
+        from typer._click import exceptions as vendored
+
+        mods.append(vendored)
+    pick = lambda name: tuple(getattr(m, name) for m in mods if hasattr(m, name))  # noqa: E731
+    return pick("ClickException"), pick("NoArgsIsHelpError"), pick("Abort")
 
 
 def _os_error(e: OSError) -> str:

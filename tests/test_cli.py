@@ -1,49 +1,11 @@
 """The CLI end to end on tiny data and tiny models, and its answers to bad input."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import yaml
-
-from mlfd_cli.main import main
-
-
-def run(capsys, *args):
-    """Run `mlfd ARGS` in-process; returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["mlfd", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def make_npz(path, seed, classes=3, n_train=48, n_test=24, size=16, channels=1):
-    """Tiny learnable data: each class is a bright square at its own position."""
-    rng = np.random.default_rng(seed)
-
-    def draw(n):
-        y = np.arange(n) % classes
-        x = rng.integers(0, 40, (n, size, size, channels), dtype=np.uint8)
-        for i, c in enumerate(y):
-            x[i, 2 + 3 * c: 6 + 3 * c, 2:8] = 220
-        return x, y.astype(np.int64)
-
-    xtr, ytr = draw(n_train)
-    xte, yte = draw(n_test)
-    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
-    return path
-
-
-TINY = ["--input-size", 32, "--epochs", 1, "--batch-size", 16, "--device", "cpu",
-        "--pipeline", "torch"]
+from helpers import TINY, bad, make_npz, run
 
 
 @pytest.fixture
@@ -109,46 +71,37 @@ def test_end_to_end_and_eval_json(tiny, capsys):
     assert code != 0 and "test_resnet" in err and "Traceback" not in err
 
 
-def _bad(capsys, *args):
-    code, out, err = run(capsys, *args)
-    assert code != 0
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def test_unknown_dataset(tmp_path, capsys):
-    msg = _bad(capsys, "distill", "--workdir", tmp_path / "w", "--teacher", "nosuchdata=test_vit",
+    msg = bad(capsys, "distill", "--workdir", tmp_path / "w", "--teacher", "nosuchdata=test_vit",
                "--teacher", "mnist-mini=test_vit", "--dataset", "nosuchdata", *TINY)
     assert "nosuchdata" in msg
 
 
 def test_missing_path(tmp_path, capsys):
-    msg = _bad(capsys, "teach", "--workdir", tmp_path / "w", "--teacher",
+    msg = bad(capsys, "teach", "--workdir", tmp_path / "w", "--teacher",
                f"{tmp_path}/missing.npz=test_vit", "--teacher", "mnist-mini=test_vit", *TINY)
     assert "missing" in msg
 
 
 def test_no_experiment_yet(tmp_path, capsys):
-    msg = _bad(capsys, "eval", "--workdir", tmp_path / "empty")
+    msg = bad(capsys, "eval", "--workdir", tmp_path / "empty")
     assert "--preset" in msg
 
 
 @pytest.mark.parametrize("levels,expect", [(0, ">= 1"), (9, "outside")])
 def test_impossible_levels(tiny, capsys, levels, expect):
     tmp, a, b = tiny
-    msg = _bad(capsys, "distill", "--workdir", tmp / "w", "--teacher", f"{a}=test_resnet",
+    msg = bad(capsys, "distill", "--workdir", tmp / "w", "--teacher", f"{a}=test_resnet",
                "--teacher", f"{b}=test_convnext", "--levels", levels, *TINY)
     assert expect in msg
 
 
 def test_unknown_architecture_and_preset(tiny, capsys):
     tmp, a, b = tiny
-    msg = _bad(capsys, "teach", "--workdir", tmp / "w", "--teacher", f"{a}=resnet_unknown",
-               "--teacher", f"{b}=test_vit", *TINY)
+    msg = bad(capsys, "teach", "--workdir", tmp / "w", "--teacher", f"{a}=resnet_unknown",
+              "--teacher", f"{b}=test_vit", *TINY)
     assert "resnet_unknown" in msg
-    assert "preset" in _bad(capsys, "teach", "--workdir", tmp / "w2", "--preset", "paper-t9")
+    assert "preset" in bad(capsys, "teach", "--workdir", tmp / "w2", "--preset", "paper-t9")
 
 
 def test_corrupt_image_names_the_file(tmp_path, capsys):
@@ -162,10 +115,10 @@ def test_corrupt_image_names_the_file(tmp_path, capsys):
             for i in range(4):
                 arr = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
                 Image.fromarray(arr).save(root / split / c / f"{i}.png")
-    bad = root / "train" / "dog" / "2.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    broken = root / "train" / "dog" / "2.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     b = make_npz(tmp_path / "beta.npz", 1)
-    msg = _bad(capsys, "teach", "--workdir", tmp_path / "w", "--teacher", f"{root}=test_vit",
+    msg = bad(capsys, "teach", "--workdir", tmp_path / "w", "--teacher", f"{root}=test_vit",
                "--teacher", f"{b}=test_vit", "--dataset", "folder", *TINY)
     assert "2.png" in msg
 
@@ -180,7 +133,7 @@ def test_stale_cache_is_refused_by_fuse(tiny, capsys):
                "--pipeline", "torch")[0] == 0
     # Retraining a teacher changes its checkpoint: the cache no longer matches.
     assert run(capsys, "teach", "--dataset", "beta", "--force", "--seed", 5, *args)[0] == 0
-    msg = _bad(capsys, "fuse", "--workdir", w, "--levels", 1, "--device", "cpu", "--epochs", 1)
+    msg = bad(capsys, "fuse", "--workdir", w, "--levels", 1, "--device", "cpu", "--epochs", 1)
     assert "teachers" in msg and "re-run `mlfd cache" in msg
 
 
@@ -256,5 +209,5 @@ def test_teach_with_auto_augment(tiny, capsys):
     assert code == 0, err
     meta = json.loads((w / "teachers/alpha/last.json").read_text())
     assert meta["train"]["auto_augment"] == "imagenet"
-    assert "auto_augment" in _bad(capsys, "teach", "--workdir", w, "--dataset", "beta",
+    assert "auto_augment" in bad(capsys, "teach", "--workdir", w, "--dataset", "beta",
                                   "--auto-augment", "randaug", *TINY)

@@ -1,3 +1,4 @@
-from .store import CacheGroup, describe_difference, digest
+from ..engine.fingerprint import digest
+from .store import CacheGroup, CacheWriter, describe_difference
 
-__all__ = ["CacheGroup", "describe_difference", "digest"]
+__all__ = ["CacheGroup", "CacheWriter", "describe_difference", "digest"]

@@ -24,6 +24,7 @@ import torch
 from .checkpoint import load_meta_safe, save_checkpoint, verify_checkpoint
 from .fingerprint import changes, digest
 from .metrics import MetricsLog
+from .staging import StagedDir
 
 RESUME_FILE = "resume.pt"
 
@@ -46,28 +47,8 @@ class Status:
         return self.state == "ok"
 
 
-class Artifact:
+class Artifact(StagedDir):
     """The directory lifecycle of one trained model (teacher, joint teacher, student...)."""
-
-    def __init__(self, final: Path):
-        self.final = Path(final)
-        self.staging = self.final.parent / f".{self.final.name}.partial"
-        self.old = self.final.parent / f".{self.final.name}.old"
-
-    def recover(self) -> None:
-        """Finish a promotion that a kill interrupted between its two renames."""
-        if self.old.exists():
-            if not self.final.exists():
-                os.replace(self.old, self.final)
-            else:
-                shutil.rmtree(self.old, ignore_errors=True)
-
-    def promote(self) -> None:
-        (self.staging / RESUME_FILE).unlink(missing_ok=True)
-        if self.final.exists():
-            os.replace(self.final, self.old)
-        os.replace(self.staging, self.final)
-        shutil.rmtree(self.old, ignore_errors=True)
 
     def status(self, fingerprint: dict | None = None) -> Status:
         """State of the complete result against the fingerprint the experiment asks for."""
@@ -176,5 +157,5 @@ class TrainRun:
                            "same command again to resume (--restart to start over)")
 
     def finish(self) -> None:
-        self.artifact.promote()
+        self.artifact.promote(drop=(RESUME_FILE,))
         _ACTIVE.pop("note", None)

@@ -99,7 +99,7 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
                       for e, shape in zip(ws.exp.datasets, shapes)}
             arrays["labels"] = ((len(data),), "int64")
             writer = group.begin(arrays, restart=opts.restart)
-            writer.append("labels", np.asarray(data.labels, dtype=np.int64))
+            writer.append("labels", np.asarray(data.labels, dtype=np.int64), start=0)
             batch = max(V, bs // V * V)  # whole samples per batch: rows reshape to (b, V, ...)
             for t, e in zip(teachers, ws.exp.datasets):
                 start = writer.cursor(e.name)  # resume an interrupted extraction at its chunk
@@ -116,7 +116,8 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
                     with autocast(opts.device):
                         _, emb = t(b.images, levels)
                     feat = emb[levels - 1].float()
-                    writer.append(e.name, feat.reshape(-1, V, *feat.shape[1:]))
+                    writer.append(e.name, feat.reshape(-1, V, *feat.shape[1:]),
+                                  start=start + seen // V)
                     seen += len(b)
                     prog.update(task, advance=1, items=seen)
             writer.close()
@@ -179,7 +180,7 @@ def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
         for k, shape in enumerate(joint.embed_shapes):
             arrays[f"L{k + 1}"] = ((N, V, *shape), dtype)
         writer = group.begin(arrays, restart=opts.restart)
-        writer.append("labels", labels)
+        writer.append("labels", labels, start=0)
         bs = max(1, 1024 // V)
         first = min(writer.cursor(k) for k in arrays)  # resume at the least-written array
         for start in range(first, N, bs):
@@ -187,9 +188,9 @@ def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
             views = np.tile(np.arange(V), len(rows) // V)
             emb = joint_forward_cached(joint, feats, rows, views, opts.device)
             logits = joint.logits(emb[0], d_idx)
-            writer.append("logits", logits.reshape(-1, V, logits.shape[1]))
+            writer.append("logits", logits.reshape(-1, V, logits.shape[1]), start=start)
             for k, e in enumerate(emb):
-                writer.append(f"L{k + 1}", e.reshape(-1, V, *e.shape[1:]))
+                writer.append(f"L{k + 1}", e.reshape(-1, V, *e.shape[1:]), start=start)
         writer.close()
         log(f"[cache] targets L{levels} {name}: {N}x{V} views, {group.nbytes() / 2**20:.1f} MiB")
     return todo

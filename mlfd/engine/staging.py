@@ -1,0 +1,37 @@
+"""Write-aside directories: work goes into ``.<name>.partial`` and replaces ``<name>`` only
+when it is complete, so an interrupted re-run never loses the previous complete result.
+
+Promotion is two renames (final -> ``.<name>.old``, staging -> final); ``recover`` finishes
+one that a kill interrupted between them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+class StagedDir:
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.staging = self.final.parent / f".{self.final.name}.partial"
+        self.old = self.final.parent / f".{self.final.name}.old"
+
+    def recover(self) -> None:
+        if self.old.exists():
+            if not self.final.exists():
+                os.replace(self.old, self.final)
+            else:
+                shutil.rmtree(self.old, ignore_errors=True)
+
+    def promote(self, drop: tuple[str, ...] = ()) -> None:
+        """Replace the final directory by the staged one, minus the files in ``drop``
+        (resume bookkeeping that a complete result does not need)."""
+        self.recover()
+        for name in drop:
+            (self.staging / name).unlink(missing_ok=True)
+        if self.final.exists():
+            os.replace(self.final, self.old)
+        os.replace(self.staging, self.final)
+        shutil.rmtree(self.old, ignore_errors=True)
