@@ -76,11 +76,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wall {wall:.1f} s, peak RSS {peak_kib / 1024:.0f} MiB -> {out}")
+    pct = lambda v: "   n/a" if v is None else f"{100 * v:6.2f}"  # noqa: E731
     for r in doc["rows"]:
         lv = f" L{r['levels']}" if r["levels"] else ""
-        print(f"  {r['dataset']:<20} {r['model']:<8}{lv:<4} top1 {100 * r['top1']:6.2f}  "
-              f"top5 {100 * r['top5']:6.2f}")
-
+        print(f"  {r['dataset']:<20} {r['model']:<8}{lv:<4} top1 {pct(r['top1'])}  "
+              f"top5 {pct(r['top5'])}  {r.get('status', '')}")
 
 if __name__ == "__main__":
     main()
