@@ -393,7 +393,7 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, *aborts):
-        from mlfd.engine.artifact import interrupt_note
+        from mlfd.engine.staging import interrupt_note
 
         note = interrupt_note()
         print("interrupted: finished results are kept"

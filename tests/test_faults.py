@@ -348,7 +348,7 @@ def test_cache_extraction_resumes_at_chunk(ws, capsys, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(store.CacheWriter, "append", append)
         code, _, err = run(capsys, "cache", "--workdir", ws, "--levels", 2, "--force", *LOCAL)
-    assert code == 130
+    assert code == 130 and "resumes its extraction at the last complete chunk" in err
     assert CacheGroup(g, {}).status() != "missing"  # the finished group is still there
     seen = {}
     original_begin = store.CacheGroup.begin

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.fingerprint import changes, digest
-from ..engine.staging import StagedDir
+from ..engine.staging import StagedDir, set_interrupt_note
 from ..errors import CorruptArtifact, MlfdError, StaleCacheError
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks along the sample axis
@@ -172,6 +172,8 @@ class CacheGroup:
         self._recover()
         spec = {k: [[int(n) for n in shape], np.dtype(dtype).name]
                 for k, (shape, dtype) in arrays.items()}
+        set_interrupt_note(f"cache {self.path}: the next run resumes its extraction at the "
+                           "last complete chunk")
         return (None if restart else self._resume(spec)) or self._fresh(spec)
 
     def _resume(self, spec: dict) -> CacheWriter | None:
@@ -295,3 +297,4 @@ class CacheWriter:
         staging = self.group.staging
         _write_json(staging / MANIFEST, {"files": _manifest(staging)})
         self.group._promote()
+        set_interrupt_note(None)

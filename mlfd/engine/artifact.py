@@ -24,17 +24,9 @@ import torch
 from .checkpoint import load_meta_safe, save_checkpoint, verify_checkpoint
 from .fingerprint import changes, digest
 from .metrics import MetricsLog
-from .staging import StagedDir
+from .staging import StagedDir, set_interrupt_note
 
 RESUME_FILE = "resume.pt"
-
-# What the current process was training, for the Ctrl-C message.
-_ACTIVE: dict[str, str] = {}
-
-
-def interrupt_note() -> str | None:
-    return _ACTIVE.get("note")
-
 
 @dataclass
 class Status:
@@ -153,9 +145,9 @@ class TrainRun:
                     "scheduler": sched.state_dict(), "rng": _rng_state(), "best": best,
                     "history": history}, tmp)
         os.replace(tmp, self.dir / RESUME_FILE)
-        _ACTIVE["note"] = (f"{self.title}: {epoch}/{epochs} epochs kept in {self.dir}; run the "
+        set_interrupt_note(f"{self.title}: {epoch}/{epochs} epochs kept in {self.dir}; run the "
                            "same command again to resume (--restart to start over)")
 
     def finish(self) -> None:
         self.artifact.promote(drop=(RESUME_FILE,))
-        _ACTIVE.pop("note", None)
+        set_interrupt_note(None)

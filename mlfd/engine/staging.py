@@ -11,6 +11,20 @@ import os
 import shutil
 from pathlib import Path
 
+# What the process is writing, for the Ctrl-C message ("... kept in X; run again to resume").
+_NOTE: dict[str, str] = {}
+
+
+def set_interrupt_note(note: str | None) -> None:
+    if note is None:
+        _NOTE.pop("note", None)
+    else:
+        _NOTE["note"] = note
+
+
+def interrupt_note() -> str | None:
+    return _NOTE.get("note")
+
 
 class StagedDir:
     def __init__(self, final: Path):
