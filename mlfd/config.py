@@ -22,13 +22,17 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | adam | sgd
-    schedule: str = "cosine"  # constant | onecycle | cosine
+    schedule: str = "cosine"  # constant | onecycle | onecycle-constant | cosine
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0
     # AutoAugment policy ("imagenet") for image-fed training without cached targets
     # (teachers, baselines); distillation ignores it since its views must replay exactly.
     auto_augment: str | None = None
+    peak_factor: float = 10.0  # onecycle-constant: the peak lr is peak_factor * lr
+    # Weights of Linear/Conv2d layers: "default" keeps timm's; Algorithm 1 uses Xavier,
+    # written as N(0, 2/(fan_in+fan_out)) ("xavier-normal"); "xavier" is Glorot uniform.
+    init: str = "default"
 
 
 @dataclass
@@ -150,7 +154,8 @@ class Experiment:
 
 CACHE_DTYPES = ("float16", "float32")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "onecycle", "cosine")
+SCHEDULES = ("constant", "onecycle", "onecycle-constant", "cosine")
+INITS = ("default", "xavier", "xavier-normal")
 
 
 def _check_train(section: str, cfg: TrainConfig) -> None:
@@ -164,6 +169,10 @@ def _check_train(section: str, cfg: TrainConfig) -> None:
         raise MlfdError(f"{section}.optimizer {cfg.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise MlfdError(f"{section}.schedule {cfg.schedule!r}: choose {', '.join(SCHEDULES)}")
+    if not cfg.peak_factor >= 1:
+        raise MlfdError(f"{section}.peak_factor must be >= 1, got {cfg.peak_factor}")
+    if cfg.init not in INITS:
+        raise MlfdError(f"{section}.init {cfg.init!r}: choose {', '.join(INITS)}")
     if not 0 <= cfg.label_smoothing < 1:
         raise MlfdError(f"{section}.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     from .data.pipeline import check_auto_augment

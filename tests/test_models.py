@@ -109,3 +109,29 @@ def test_joint_head_baseline_predicts_over_the_union():
     # For dataset 0 the winner is another dataset's class: never a correct prediction.
     assert m.dataset_logits(None, 0).argmax(1).item() == 5
     assert m.target(torch.tensor([2]), 1).item() == 5
+
+
+def test_dense_fusion_is_concat_dropout_linear_gelu():
+    """Paper 4.5: K = 1 fuses the concatenated vectors with one regularised linear layer
+    (no per-teacher adaptors), and GELU follows it as in every neuron of the joint teacher."""
+    torch.manual_seed(0)
+    joint = JointTeacher([[(7,)], [(5,)], [(3,)]], [4, 6, 9], 1, embed_dim=8, dropout=0.9)
+    linears = [m for m in joint.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 + 3  # the dense layer and the three heads
+    assert joint.dense[0].in_features == 7 + 5 + 3
+    feats = [torch.randn(4, d, dtype=torch.float64) for d in (7, 5, 3)]
+    joint.double().eval()  # dropout off: a deterministic reference
+    w, b = joint.dense[0].weight, joint.dense[0].bias
+    z = torch.cat(feats, 1) @ w.T + b
+    expect = 0.5 * z * (1 + torch.erf(z / 2 ** 0.5))  # exact GELU, by its definition
+    torch.testing.assert_close(joint(feats)[0], expect)
+
+
+def test_map_fusion_l1_is_gelu_of_the_dense_layer():
+    torch.manual_seed(0)
+    joint = JointTeacher(_shapes(2), [4, 6], 2, width=16, embed_dim=24).double().eval()
+    feats = [torch.randn(3, *s[1], dtype=torch.float64) for s in _shapes(2)]
+    l1, l2 = joint(feats)
+    pooled = l2.mean(dim=(2, 3))
+    z = pooled @ joint.dense[0].weight.T + joint.dense[0].bias
+    torch.testing.assert_close(l1, 0.5 * z * (1 + torch.erf(z / 2 ** 0.5)))

@@ -33,6 +33,28 @@ def create_backbone(arch: str, num_classes: int, input_size: int | None = None,
         raise MlfdError(f"timm model {arch!r} rejected options {kw}: {e}") from None
 
 
+_INITS = {"xavier": nn.init.xavier_uniform_, "xavier-normal": nn.init.xavier_normal_}
+
+
+def apply_init(module: nn.Module, init: str = "default") -> nn.Module:
+    """Re-initialise every Linear and Conv2d weight of ``module`` (biases zero).
+
+    "default" leaves the model as built (timm's own init); "xavier" draws
+    U(-a, a) with a = sqrt(6 / (fan_in + fan_out)), "xavier-normal" N(0, 2 / (fan_in +
+    fan_out)) as Algorithm 1 writes it. Norm layers and other parameters are untouched.
+    """
+    if init == "default":
+        return module
+    if init not in _INITS:
+        raise MlfdError(f"unknown init {init!r}: choose default, {', '.join(_INITS)}")
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            _INITS[init](m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
 class LevelBackbone(nn.Module):
     """A timm classifier whose forward also returns its embeddings at L1..LK."""
 

@@ -1,10 +1,12 @@
 """The joint teacher: m frozen teachers fused at level L_K, shallow trainable blocks above.
 
 Input: each teacher's cached embedding at the fusion level (maps (C_i, H_i, W_i) for
-K >= 2, vectors (D_i,) for K = 1). Adaptors bring them to a common width and spatial
-size, they are concatenated channel-wise, and blocks NN^k produce the joint
-embeddings L_K ... L2 (maps) and L1 (a heavily regularised dense layer). One
-classification head per dataset.
+K >= 2, vectors (D_i,) for K = 1). Maps: adaptors bring them to a common width and
+spatial size, they are concatenated channel-wise, and blocks NN^k produce the joint
+embeddings L_K ... L2. Vectors (dense fusion, paper 4.5): the teachers' vectors are
+concatenated as they are. L1 is a heavily regularised dense layer (dropout, linear,
+GELU: "GeLU is the activation function employed in all neurons"). One classification
+head per dataset.
 """
 
 from __future__ import annotations
@@ -65,12 +67,12 @@ class JointTeacher(nn.Module):
         if levels == 1:
             if any(len(s) != 1 for s in fusion):
                 raise MlfdError(f"L1 embeddings must be vectors, got {fusion}")
-            # Dense fusion: per-teacher linear adaptors, concat, dropout, one dense layer.
-            self.adaptors = nn.ModuleList(nn.Linear(s[0], width) for s in fusion)
+            # Dense fusion (paper 4.5): the concatenated vectors, dropout, one linear layer.
+            self.adaptors = nn.ModuleList(nn.Identity() for _ in fusion)
             self.fuse = nn.Identity()
             self.blocks = nn.ModuleList()
             self.sizes: list[tuple[int, int]] = []
-            dense_in = width * len(fusion)
+            dense_in = sum(s[0] for s in fusion)
         else:
             if any(len(s) != 3 for s in fusion):
                 raise MlfdError(f"L{levels} embeddings must be maps, got {fusion}")
@@ -92,7 +94,7 @@ class JointTeacher(nn.Module):
             self.blocks = nn.ModuleList(blocks)
             dense_in = width
         self.drop = nn.Dropout(dropout)
-        self.dense = nn.Linear(dense_in, embed_dim)
+        self.dense = nn.Sequential(nn.Linear(dense_in, embed_dim), nn.GELU())
         self.heads = nn.ModuleList(nn.Linear(embed_dim, c) for c in num_classes)
         self.embed_shapes = [(embed_dim,)] + [(width, *s) for s in self.sizes]
 

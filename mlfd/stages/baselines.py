@@ -22,6 +22,7 @@ from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..errors import MlfdError
 from ..models import create_backbone
+from ..models.backbone import apply_init
 from ..workspace import Workspace
 from .common import RunOptions, base_meta, dataset_of, evaluate_images, pipeline_for
 
@@ -61,11 +62,19 @@ def baseline_dir(ws: Workspace, kind: str, arch: str):
     return ws.root / "baselines" / f"{kind}-{arch}"
 
 
+def baseline_drops(exp, arch: str) -> dict:
+    """drop_rate / drop_path_rate of the first dataset entry with this arch (else the first
+    entry): the baseline gets the regularisation its architecture has as a teacher."""
+    e = next((d for d in exp.datasets if d.arch == arch), exp.datasets[0])
+    return {"drop_rate": e.drop_rate, "drop_path_rate": e.drop_path_rate}
+
+
 def baseline_fingerprint(ws: Workspace, kind: str, arch: str, size: int) -> dict:
     data = {n: dataset_of(ws, n).fingerprint() for n in ws.exp.names()}
     hflip = {e.name: e.hflip for e in ws.exp.datasets}
     return flatten({"baseline": kind, "arch": arch, "input_size": size, "data": data,
-                    "hflip": hflip, "teach": ws.exp.teach, "seed": ws.exp.seed})
+                    "hflip": hflip, "teach": ws.exp.teach, "seed": ws.exp.seed,
+                    **baseline_drops(ws.exp, arch)})
 
 
 def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None = None,
@@ -76,7 +85,9 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
     names = exp.names()
     data = [dataset_of(ws, n) for n in names]
     seed_everything(exp.seed)
-    model = MultiDatasetModel(arch, [d.num_classes for d in data], kind).to(opts.device)
+    drops = baseline_drops(exp, arch)
+    model = MultiDatasetModel(arch, [d.num_classes for d in data], kind, **drops).to(opts.device)
+    apply_init(model, cfg.init)
     specs = [InputSpec((size, size), 3, tuple(d.mean), tuple(d.std)) for d in data]
     sizes = [len(d.load("train")) for d in data]
     # Per step one batch of every dataset; an epoch ends when the largest is through.
@@ -115,7 +126,7 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
 
     meta = base_meta("baseline", baseline=kind, arch=arch, input_size=size, datasets=names,
                      num_classes=[d.num_classes for d in data], train=vars(cfg).copy(),
-                     seed=exp.seed)
+                     seed=exp.seed, **drops)
 
     run = TrainRun(out, meta, baseline_fingerprint(ws, kind, arch, size), model.state_dict,
                    restart=opts.restart, title=f"{kind} {arch}")

@@ -17,6 +17,7 @@ from ..engine.progress import log
 from ..errors import MlfdError
 from ..losses import KDLossConfig, kd_loss, resolve_backend
 from ..models import Student, build_level_backbone, level_shapes
+from ..models.backbone import apply_init
 from ..workspace import Workspace
 from .cache import target_group
 from .common import (
@@ -67,6 +68,7 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
     s_shapes = level_shapes(backbone, entry.input_size, levels)
     t_shapes = [targets[f"L{k + 1}"].shape[2:] for k in range(levels)]
     student = Student(backbone, s_shapes, t_shapes).to(opts.device)
+    apply_init(student, cfg.init)
     backend = resolve_backend(opts.loss_backend or cfg.loss_backend, opts.device)
     kd_cfg = loss_config(ws, levels)
     # Targets stay resident (fp16) on the training device; rows are gathered per batch.

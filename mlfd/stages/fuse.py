@@ -18,6 +18,7 @@ from ..engine.loop import fit, seed_everything
 from ..engine.metrics import Accuracy
 from ..engine.progress import log
 from ..models import level_shapes
+from ..models.backbone import apply_init
 from ..workspace import Workspace
 from .cache import build_joint, embedding_fingerprint, joint_forward_cached, load_teacher_inputs
 from .common import RunOptions, base_meta, dataset_of, load_teacher
@@ -45,6 +46,7 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
         t, _ = load_teacher(ws, e.name, torch.device("cpu"))
         shapes.append(level_shapes(t, e.input_size, levels))
     joint = build_joint(ws, shapes, levels).to(opts.device)
+    apply_init(joint, cfg.init)
     sizes = [len(lab) for _, lab in train]
     V = train[0][0][0].shape[1]
     total = sum(sizes)

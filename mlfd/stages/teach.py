@@ -10,6 +10,7 @@ from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..models import build_level_backbone
+from ..models.backbone import apply_init
 from ..workspace import Workspace
 from .common import (
     RunOptions,
@@ -39,6 +40,7 @@ def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
     train = ds.load("train")
     seed_everything(ws.exp.seed)
     model = build_level_backbone(entry, ds.num_classes).to(opts.device)
+    apply_init(model, cfg.init)
     spec = input_spec(ws, name)
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     meta = base_meta("teacher", dataset=name, source=entry.source,

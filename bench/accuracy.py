@@ -1,0 +1,192 @@
+"""Accuracy over seeds: every model of the paper's comparison, mean ± std, as JSON + Markdown.
+
+For each seed it drives the CLI in its own workdir: `mlfd distill --dataset all` at every
+asked level (teachers, caches and joint teachers are shared where the plan allows), the
+multi-head and joint-head baselines of every architecture that a student has (so each
+student meets baselines of its own architecture), then `mlfd eval`. It writes
+bench/results/accuracy-<preset>-<date>.json (per-seed rows, the aggregate, machine,
+versions) and the two tables: the paper's Table 2 layout and the Table 4 ablation.
+
+Hyperparameters are the preset's; nothing here looks at the test split to choose them.
+A seed's workdir is reused when it exists: finished stages are up to date and skipped.
+
+    python bench/accuracy.py --preset demo --seeds 0 1 2 --levels 1 2
+    python bench/accuracy.py --preset trio --data-root ../shared/data --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("multi-head", "joint-head")
+
+
+def mlfd(*args, log) -> dict:
+    """Run one CLI command (its JSON on stdout), appending its stderr to ``log``."""
+    cmd = [sys.executable, "-m", "mlfd_cli.main", *map(str, args), "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=dict(os.environ, MLFD_NO_PROGRESS="1"), text=True,
+                          capture_output=True)
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(map(str, args))}  ({time.perf_counter() - t0:.0f} s)\n")
+        f.write(proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"`mlfd {' '.join(map(str, args))}` failed "
+                         f"({proc.returncode}): {proc.stderr.strip().splitlines()[-1]}")
+    return json.loads(proc.stdout)
+
+
+def run_seed(preset: str, seed: int, levels: list[int], work: Path, common: list) -> dict:
+    """Every model of one seed; returns {"rows": eval rows, "seconds": {step: s}}."""
+    from mlfd.config import Experiment
+    from mlfd.presets import get_preset
+
+    w = work / f"{preset}-seed{seed}"
+    log = work / f"{preset}-seed{seed}.log"
+    seconds = {}
+    for k in levels:
+        t0 = time.perf_counter()
+        mlfd("distill", "--preset", preset, "--workdir", w, "--seed", seed, "--dataset", "all",
+             "--levels", k, *common, log=log)
+        seconds[f"distill-L{k}"] = time.perf_counter() - t0
+    exp = Experiment.load(w / "experiment.yaml") if (w / "experiment.yaml").exists() \
+        else get_preset(preset)
+    archs = {}
+    for e in exp.datasets:  # first dataset of each architecture gives its input size
+        archs.setdefault(e.arch, e.input_size)
+    for arch, size in archs.items():
+        for kind in KINDS:
+            t0 = time.perf_counter()
+            mlfd("teach", "--workdir", w, "--baseline", kind, "--arch", arch, "--input-size", size,
+                 *common, log=log)
+            seconds[f"{kind}-{arch}"] = time.perf_counter() - t0
+    rows = mlfd("eval", "--workdir", w, *common, log=log)["rows"]
+    return {"seed": seed, "rows": rows, "seconds": seconds}
+
+
+def key(r: dict) -> tuple:
+    """What a row measures, independent of the seed."""
+    model = r["model"]
+    if model in KINDS:
+        return (r["dataset"], f"{model} ({r['arch']})")
+    if model in ("joint", "student"):
+        return (r["dataset"], f"{model} L{r['levels']}")
+    return (r["dataset"], f"teacher ({r['arch']})")
+
+
+def aggregate(seeds: list[dict]) -> dict:
+    """{dataset: {model: {top1_mean, top1_std, top5_mean, top5_std, n_seeds, per_seed}}}."""
+    acc: dict = {}
+    for s in seeds:
+        for r in s["rows"]:
+            if r.get("status", "complete") != "complete" or r.get("top1") is None:
+                continue  # stale or interrupted results are not numbers of this experiment
+            d, m = key(r)
+            acc.setdefault(d, {}).setdefault(m, {"top1": [], "top5": []})
+            acc[d][m]["top1"].append(100 * r["top1"])
+            if r.get("top5") is not None:
+                acc[d][m]["top5"].append(100 * r["top5"])
+    out = {}
+    for d, models in acc.items():
+        out[d] = {}
+        for m, v in models.items():
+            out[d][m] = {"n_seeds": len(v["top1"]), "per_seed_top1": v["top1"]}
+            for metric in ("top1", "top5"):
+                xs = v[metric]
+                out[d][m][f"{metric}_mean"] = statistics.fmean(xs) if xs else None
+                out[d][m][f"{metric}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0 \
+                    if xs else None
+    return out
+
+
+def _cell(v: dict | None) -> str:
+    if not v or v["top1_mean"] is None:
+        return "—"
+    return f"{v['top1_mean']:.2f} ± {v['top1_std']:.2f}"
+
+
+def student_arch(seeds: list[dict], dataset: str) -> str:
+    return next(r["arch"] for s in seeds for r in s["rows"]
+                if r["dataset"] == dataset and r["model"] == "teacher")
+
+
+def markdown(agg: dict, seeds: list[dict], levels: list[int]) -> str:
+    """Table 2 layout (same-architecture baselines per dataset) and the Table 4 ablation."""
+    datasets = list(agg)
+    lines = [f"Top-1 % on the test split, mean ± std over {len(seeds)} seed(s).", "",
+             "| model | " + " | ".join(datasets) + " |",
+             "|---|" + "---:|" * len(datasets)]
+    rows = [("dataset-specific (teacher)", lambda d: agg[d].get(
+        f"teacher ({student_arch(seeds, d)})"))]
+    for kind in KINDS:
+        rows.append((f"{kind} (same arch)", lambda d, kind=kind: agg[d].get(
+            f"{kind} ({student_arch(seeds, d)})")))
+    for k in levels:
+        rows.append((f"MLFD student L{k}", lambda d, k=k: agg[d].get(f"student L{k}")))
+    for k in levels:
+        rows.append((f"joint teacher L{k}", lambda d, k=k: agg[d].get(f"joint L{k}")))
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(_cell(get(d)) for d in datasets) + " |")
+    lines += ["", "Ablation (paper Table 4): students by distillation level, top-1 %.", "",
+              "| level | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
+    for k in levels:
+        lines.append(f"| L1..L{k} | " + " | ".join(_cell(agg[d].get(f"student L{k}"))
+                                                   for d in datasets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    common = ["--device", args.device] + (["--data-root", args.data_root] if args.data_root
+                                          else [])
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    seeds = []
+    for seed in args.seeds:
+        seeds.append(run_seed(args.preset, seed, args.levels, args.work, common))
+        print(f"seed {seed}: {sum(seeds[-1]['seconds'].values()):.0f} s", flush=True)
+    agg = aggregate(seeds)
+    import torch
+    import zarr
+
+    import mlfd
+    from mlfd.info import cpu_model
+
+    today = dt.date.today().isoformat()
+    out = args.out or ROOT / "bench" / "results" / f"accuracy-{args.preset}-{today}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = markdown(agg, seeds, args.levels)
+    doc = {"preset": args.preset, "date": today, "seeds": args.seeds, "levels": args.levels,
+           "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+                       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                       else None, "platform": platform.platform()},
+           "versions": {"mlfd": mlfd.__version__, "torch": torch.__version__,
+                        "zarr": zarr.__version__, "python": platform.python_version()},
+           "wall_seconds": time.perf_counter() - t0, "aggregate": agg, "markdown": table,
+           "per_seed": seeds}
+    out.write_text(json.dumps(doc, indent=2))
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
