@@ -33,6 +33,13 @@ class TrainConfig:
     # Weights of Linear/Conv2d layers: "default" keeps timm's; Algorithm 1 uses Xavier,
     # written as N(0, 2/(fan_in+fan_out)) ("xavier-normal"); "xavier" is Glorot uniform.
     init: str = "default"
+    # Gradient accumulation (paper 4.3): batch_size is the effective batch; each optimiser
+    # step accumulates grad_accum micro-batches of batch_size / grad_accum samples.
+    grad_accum: int = 1
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
 
 
 @dataclass
@@ -45,6 +52,10 @@ class DatasetEntry:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     model_kwargs: dict = field(default_factory=dict)
+    # This dataset's own values for the teach / distill sections (paper Table 1 gives each
+    # architecture its lr, batch size, weight decay, temperature, alpha and beta).
+    teach: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +102,31 @@ class Experiment:
     def names(self) -> list[str]:
         return [d.name for d in self.datasets]
 
+    def stage(self, section: str, name: str | None = None):
+        """The ``teach`` or ``distill`` config that dataset ``name``'s model trains with:
+        the section, with the dataset's own values over it."""
+        base = getattr(self, section)
+        over = getattr(self.entry(name), section, None) if name is not None else None
+        if not over:
+            return base
+        known = {f.name for f in dataclasses.fields(base)}
+        unknown = sorted(set(over) - known)
+        if unknown:
+            raise MlfdError(f"datasets[{name}].{section}: unknown key(s) {', '.join(unknown)}")
+        return dataclasses.replace(base, **over)
+
+    def override(self, **values) -> None:
+        """Command-line values for every training section; they also win over the
+        datasets' own values, as a command line should."""
+        values = {k: v for k, v in values.items() if v is not None}
+        for section in ("teach", "fuse", "distill"):
+            for key, v in values.items():
+                setattr(getattr(self, section), key, v)
+        for d in self.datasets:
+            for over in (d.teach, d.distill):
+                for key in values:
+                    over.pop(key, None)
+
     def validate(self) -> None:
         """Every value that can be checked without data or models; one-line errors."""
         if len(self.datasets) < 2:
@@ -102,16 +138,15 @@ class Experiment:
             raise MlfdError(f"--levels must be >= 1, got {self.levels}")
         for section in ("teach", "fuse", "distill"):
             _check_train(section, getattr(self, section))
+        for d in self.datasets:
+            for section in ("teach", "distill"):
+                _check_train(f"datasets[{d.name}].{section}", self.stage(section, d.name))
         if self.cache.views < 1:
             raise MlfdError(f"cache.views must be >= 1, got {self.cache.views}")
         if self.cache.dtype not in CACHE_DTYPES:
             raise MlfdError(f"cache.dtype {self.cache.dtype!r}: choose {', '.join(CACHE_DTYPES)}")
         if self.cache.batch_size < 1:
             raise MlfdError(f"cache.batch_size must be >= 1, got {self.cache.batch_size}")
-        if any(w < 0 for w in self.distill.level_weights):
-            raise MlfdError(f"distill.level_weights must be >= 0, got {self.distill.level_weights}")
-        if self.distill.temperature <= 0:
-            raise MlfdError(f"distill.temperature must be > 0, got {self.distill.temperature}")
         for d in self.datasets:
             if d.input_size < 8:
                 raise MlfdError(f"{d.name}: input_size must be >= 8, got {d.input_size}")
@@ -173,6 +208,14 @@ def _check_train(section: str, cfg: TrainConfig) -> None:
         raise MlfdError(f"{section}.peak_factor must be >= 1, got {cfg.peak_factor}")
     if cfg.init not in INITS:
         raise MlfdError(f"{section}.init {cfg.init!r}: choose {', '.join(INITS)}")
+    if isinstance(cfg, DistillConfig):
+        if any(w < 0 for w in cfg.level_weights):
+            raise MlfdError(f"{section}.level_weights must be >= 0, got {cfg.level_weights}")
+        if cfg.temperature <= 0:
+            raise MlfdError(f"{section}.temperature must be > 0, got {cfg.temperature}")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        raise MlfdError(f"{section}.grad_accum must be >= 1 and divide batch_size "
+                        f"({cfg.batch_size}), got {cfg.grad_accum}")
     if not 0 <= cfg.label_smoothing < 1:
         raise MlfdError(f"{section}.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     from .data.pipeline import check_auto_augment

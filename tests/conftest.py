@@ -17,3 +17,29 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """A complete L2 experiment on tiny data (teachers, caches, joint teacher, student of
+    alpha), its experiment.yaml matching the options it was made with. Copy before use."""
+    from helpers import ARCHS, TINY, make_npz, pin_overrides, quiet
+
+    root = tmp_path_factory.mktemp("finished")
+    a, b = make_npz(root / "alpha.npz", 0), make_npz(root / "beta.npz", 1, classes=4, channels=3)
+    w = root / "ws"
+    code = quiet("distill", "--workdir", w, "--teacher", f"{a}={ARCHS[0]}", "--teacher",
+                 f"{b}={ARCHS[1]}", "--dataset", "alpha", "--levels", 2, *TINY)
+    assert code == 0
+    pin_overrides(w)
+    return w
+
+
+@pytest.fixture
+def ws(finished, tmp_path):
+    """A private copy of the finished experiment."""
+    import shutil
+
+    w = tmp_path / "ws"
+    shutil.copytree(finished, w)
+    return w

@@ -1,8 +1,10 @@
 """What the CLI tests share: in-process runs, tiny learnable datasets, one-line errors."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
+import yaml
 
 from mlfd_cli.main import main
 
@@ -51,3 +53,28 @@ def bad(capsys, *args):
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+LOCAL = ["--device", "cpu", "--pipeline", "torch"]
+ARCHS = ("test_resnet", "test_vit")
+
+
+def quiet(*args) -> int:
+    """Run `mlfd ARGS` in-process without capsys (for fixtures); returns the exit code."""
+    old = sys.argv
+    sys.argv = ["mlfd", *map(str, args)]
+    try:
+        main()
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        sys.argv = old
+    return 0
+
+
+def pin_overrides(w: Path, epochs: int = 1) -> None:
+    """Write TINY's per-run overrides into experiment.yaml, so plain commands match them."""
+    exp = yaml.safe_load((w / "experiment.yaml").read_text())
+    for section in ("teach", "fuse", "distill"):
+        exp[section]["epochs"], exp[section]["batch_size"] = epochs, 16
+    (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))

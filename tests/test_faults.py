@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY, bad, make_npz, run
+from helpers import LOCAL, TINY, bad, make_npz, run
 from safetensors.torch import load_file
 
 from mlfd.cache import CacheGroup
@@ -27,29 +27,6 @@ from mlfd.engine.artifact import TrainRun
 from mlfd.engine.checkpoint import file_sha256, verify_checkpoint
 from mlfd.stages.plan import plan_distill
 from mlfd.workspace import Workspace
-from mlfd_cli.main import main
-
-ARCHS = ("test_resnet", "test_vit")
-
-
-def _quiet(*args) -> int:
-    old = sys.argv
-    sys.argv = ["mlfd", *map(str, args)]
-    try:
-        main()
-    except SystemExit as e:
-        return e.code or 0
-    finally:
-        sys.argv = old
-    return 0
-
-
-def _pin_overrides(w: Path, epochs: int = 1) -> None:
-    """Write TINY's per-run overrides into experiment.yaml, so plain commands match them."""
-    exp = yaml.safe_load((w / "experiment.yaml").read_text())
-    for section in ("teach", "fuse", "distill"):
-        exp[section]["epochs"], exp[section]["batch_size"] = epochs, 16
-    (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
 
 
 def _edit(w: Path, section: str, key: str, value) -> None:
@@ -59,29 +36,6 @@ def _edit(w: Path, section: str, key: str, value) -> None:
     else:
         exp[key] = value
     (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
-
-
-LOCAL = ["--device", "cpu", "--pipeline", "torch"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A complete L2 experiment (teachers, caches, joint teacher, student of alpha)."""
-    root = tmp_path_factory.mktemp("finished")
-    a, b = make_npz(root / "alpha.npz", 0), make_npz(root / "beta.npz", 1, classes=4, channels=3)
-    w = root / "ws"
-    code = _quiet("distill", "--workdir", w, "--teacher", f"{a}={ARCHS[0]}", "--teacher",
-                  f"{b}={ARCHS[1]}", "--dataset", "alpha", "--levels", 2, *TINY)
-    assert code == 0
-    _pin_overrides(w)
-    return w
-
-
-@pytest.fixture
-def ws(finished, tmp_path):
-    w = tmp_path / "ws"
-    shutil.copytree(finished, w)
-    return w
 
 
 def _plan(w: Path, names=("alpha",), levels=2):

@@ -227,3 +227,115 @@ def test_new_fields_default_to_todays_behaviour():
     assert (cfg.init, cfg.schedule) == ("default", "cosine")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert {"init", "peak_factor"} <= fields
+
+
+# --------------------------------------------------------------------------- Table 1
+
+
+def test_paper_presets_carry_table_1_per_model():
+    """Every Table 1 value reaches the optimiser and the loss of its own model."""
+    import torch
+
+    from mlfd.engine.optim import build_optimizer
+    from mlfd.presets import get_preset
+
+    table = {  # arch: (lr, batch, weight decay, T, alpha, beta1, beta2), paper Table 1
+        "resnet18": (1e-4, 768, 1e-3, 2, 0.6, 0.2, 0.2),
+        "tf_efficientnet_b0": (1e-4, 240, 1e-3, 2, 0.6, 0.2, 0.2),
+        "seresnext26d_32x4d": (1e-4, 192, 1e-3, 2, 0.6, 0.2, 0.2),
+        "convnextv2_tiny": (1e-5, 96, 0.5, 5, 0.6, 0.2, 0.2),
+        "swinv2_tiny_window8_256": (4e-4, 176, 0.5, 2, 0.6, 0.2, 0.2),
+        "fastvit_sa24": (1e-4, 102, 0.5, 2, 0.4, 0.4, 0.2),
+    }
+    seen = set()
+    for preset in ("paper-t1", "paper-t2"):
+        exp = get_preset(preset)
+        exp.validate()
+        for e in exp.datasets:
+            lr, batch, wd, temp, a, b1, b2 = table[e.arch]
+            for section in ("teach", "distill"):
+                cfg = exp.stage(section, e.name)
+                opt = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg)
+                group = opt.param_groups[0]
+                assert (group["lr"], group["weight_decay"], cfg.batch_size) == (lr, wd, batch)
+            d = exp.stage("distill", e.name)
+            assert (d.temperature, d.soft_weight, list(d.level_weights)) == (temp, a, [b1, b2])
+            seen.add(e.arch)
+    assert seen == set(table)
+
+
+def test_dataset_values_override_the_section_and_the_command_line_wins():
+    from mlfd.config import DatasetEntry, Experiment
+    from mlfd.errors import MlfdError
+
+    exp = Experiment(datasets=[DatasetEntry("a", "a", "test_resnet", teach={"lr": 5e-5}),
+                               DatasetEntry("b", "b", "test_vit")])
+    exp.validate()
+    assert exp.stage("teach", "a").lr == 5e-5 and exp.stage("teach", "b").lr == exp.teach.lr
+    assert exp.stage("teach", "a").epochs == exp.teach.epochs  # the rest is the section's
+    exp.override(lr=0.01, epochs=None)
+    assert exp.stage("teach", "a").lr == 0.01 and exp.stage("distill", "b").lr == 0.01
+    exp.datasets[1].distill = {"temprature": 3}
+    with pytest.raises(MlfdError, match=r"datasets\[b\]\.distill: unknown key\(s\) temprature"):
+        exp.validate()
+    exp.datasets[1].distill = {"grad_accum": 3}  # does not divide batch_size 128
+    with pytest.raises(MlfdError, match=r"datasets\[b\]\.distill\.grad_accum"):
+        exp.validate()
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    """grad_accum micro-batches step once with the full batch's gradient (no BatchNorm
+    here, so the two are the same computation up to float rounding)."""
+    import torch
+
+    from mlfd.config import TrainConfig
+    from mlfd.engine.artifact import TrainRun
+    from mlfd.engine.loop import fit
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, generator=g), torch.randn(32, 1, generator=g)
+
+    def train(accum: int, out):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 1)
+        cfg = TrainConfig(epochs=2, batch_size=8, grad_accum=accum, lr=0.05, optimizer="sgd",
+                          schedule="cosine", weight_decay=0.0)
+        micro = cfg.micro_batch
+
+        def step(i):
+            loss = torch.nn.functional.mse_loss(model(x[i:i + micro]), y[i:i + micro])
+            return loss, {}, micro
+
+        run = TrainRun(out, {"kind": "toy"}, {"accum": accum}, model.state_dict)
+        fit(title="toy", model=model, cfg=cfg, device=torch.device("cpu"),
+            steps_per_epoch=32 // micro, batches=lambda e: range(0, 32, micro), step=step,
+            evaluate=lambda: {"top1": 0.0}, run=run)
+        return model.weight.detach().clone()
+
+    full, accumulated = train(1, tmp_path / "a"), train(4, tmp_path / "b")
+    torch.testing.assert_close(accumulated, full, rtol=1e-6, atol=1e-7)
+    torch.manual_seed(0)
+    assert not torch.allclose(full, torch.nn.Linear(5, 1).weight)  # it did train
+
+
+def test_fuse_forwards_each_mixed_batch_once(ws, capsys, monkeypatch):
+    """Paper 4.5 / Algorithm 1: a training batch mixes all datasets and passes the joint
+    teacher once, so BatchNorm's batch statistics are those of the mixture (as when the
+    targets are cached), not of one dataset at a time."""
+    from helpers import run
+
+    from mlfd.models import JointTeacher
+
+    sizes, original = [], JointTeacher.forward
+
+    def forward(self, feats):
+        if self.training:
+            sizes.append(len(feats[0]))
+        return original(self, feats)
+
+    monkeypatch.setattr(JointTeacher, "forward", forward)
+    code, _, err = run(capsys, "fuse", "--workdir", ws, "--levels", 2, "--force",
+                       "--device", "cpu")
+    assert code == 0, err
+    # 48 + 48 cached training samples, batch 16: six forwards of 16 (before: twelve halves)
+    assert sizes == [16] * 6

@@ -53,12 +53,15 @@ def fit(
 ) -> FitResult:
     """Train ``model`` for cfg.epochs; ``step`` returns (loss, logged terms, items in batch).
 
+    ``batches(epoch)`` yields ``steps_per_epoch`` micro-batches of ``cfg.micro_batch``; the
+    optimiser steps once per ``cfg.grad_accum`` of them (and after an epoch's last one).
     Resumes a staged run of the same fingerprint (``run.begin``). After each epoch,
     ``evaluate()`` gives metrics and ``run.end_epoch`` checkpoints everything needed to
     resume; after the last one the result is promoted over the previous complete one.
     """
+    accum = getattr(cfg, "grad_accum", 1)
     opt = build_optimizer(model.parameters(), cfg)
-    sched = build_scheduler(opt, cfg, steps_per_epoch)
+    sched = build_scheduler(opt, cfg, -(-steps_per_epoch // accum))
     start, best, history = run.begin(model, opt, sched)
     last = history[-1] if history else None
     if start:
@@ -72,13 +75,15 @@ def fit(
                                  unit="img")
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             seen, t0 = 0, time.perf_counter()
+            opt.zero_grad(set_to_none=True)
             for i, batch in enumerate(batches(epoch)):
                 with autocast(device):
                     loss, terms, n = step(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                (loss / accum if accum > 1 else loss).backward()
+                if (i + 1) % accum == 0 or i == steps_per_epoch - 1:
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
                 seen += n
                 for k, v in {"loss": loss.detach(), **terms}.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() * n

@@ -62,46 +62,60 @@ def baseline_dir(ws: Workspace, kind: str, arch: str):
     return ws.root / "baselines" / f"{kind}-{arch}"
 
 
+def baseline_entry(exp, arch: str):
+    """The first dataset entry with this arch (else the first entry): a baseline trains
+    with the model options and teach values its architecture has as a teacher."""
+    return next((d for d in exp.datasets if d.arch == arch), exp.datasets[0])
+
+
 def baseline_drops(exp, arch: str) -> dict:
-    """drop_rate / drop_path_rate of the first dataset entry with this arch (else the first
-    entry): the baseline gets the regularisation its architecture has as a teacher."""
-    e = next((d for d in exp.datasets if d.arch == arch), exp.datasets[0])
+    e = baseline_entry(exp, arch)
     return {"drop_rate": e.drop_rate, "drop_path_rate": e.drop_path_rate}
+
+
+def baseline_model_kwargs(exp, arch: str) -> dict:
+    e = baseline_entry(exp, arch)
+    return dict(e.model_kwargs) if e.arch == arch else {}
 
 
 def baseline_fingerprint(ws: Workspace, kind: str, arch: str, size: int) -> dict:
     data = {n: dataset_of(ws, n).fingerprint() for n in ws.exp.names()}
     hflip = {e.name: e.hflip for e in ws.exp.datasets}
+    e = baseline_entry(ws.exp, arch)
     return flatten({"baseline": kind, "arch": arch, "input_size": size, "data": data,
-                    "hflip": hflip, "teach": ws.exp.teach, "seed": ws.exp.seed,
+                    "hflip": hflip, "teach": ws.exp.stage("teach", e.name), "seed": ws.exp.seed,
+                    "model_kwargs": baseline_model_kwargs(ws.exp, arch),
                     **baseline_drops(ws.exp, arch)})
 
 
 def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None = None,
                    input_size: int | None = None) -> dict:
-    exp, cfg = ws.exp, ws.exp.teach
+    exp = ws.exp
     arch = arch or exp.datasets[0].arch
+    cfg = exp.stage("teach", baseline_entry(exp, arch).name)
     size = input_size or exp.datasets[0].input_size
     names = exp.names()
     data = [dataset_of(ws, n) for n in names]
     seed_everything(exp.seed)
     drops = baseline_drops(exp, arch)
-    model = MultiDatasetModel(arch, [d.num_classes for d in data], kind, **drops).to(opts.device)
+    kw = baseline_model_kwargs(exp, arch)
+    model = MultiDatasetModel(arch, [d.num_classes for d in data], kind, **drops, **kw)
+    model.to(opts.device)
     apply_init(model, cfg.init)
     specs = [InputSpec((size, size), 3, tuple(d.mean), tuple(d.std)) for d in data]
     sizes = [len(d.load("train")) for d in data]
     # Per step one batch of every dataset; an epoch ends when the largest is through.
-    steps = max((n + cfg.batch_size - 1) // cfg.batch_size for n in sizes)
+    steps = max((n + cfg.micro_batch - 1) // cfg.micro_batch for n in sizes)
     out = baseline_dir(ws, kind, arch)
 
     def batches(epoch):
         iters = []
         for i, (name, n) in enumerate(zip(names, sizes)):
-            reps = -(-steps * cfg.batch_size // n)  # smaller datasets cycle
+            reps = -(-steps * cfg.micro_batch // n)  # smaller datasets cycle
             order = torch.cat([torch.from_numpy(train_order(n, epoch * 97 + r, exp.seed, "fresh"))
-                               for r in range(reps)]).numpy()[: steps * cfg.batch_size]
+                               for r in range(reps)]).numpy()[: steps * cfg.micro_batch]
             iters.append(iter(pipeline_for(ws, opts, name, "train", specs[i], order,
-                                           cfg.batch_size, cfg.auto_augment)))
+                                           cfg.micro_batch, cfg.auto_augment)))
         for _ in range(steps):
             yield [next(it) for it in iters]
 
@@ -126,7 +140,7 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
 
     meta = base_meta("baseline", baseline=kind, arch=arch, input_size=size, datasets=names,
                      num_classes=[d.num_classes for d in data], train=vars(cfg).copy(),
-                     seed=exp.seed, **drops)
+                     seed=exp.seed, model_kwargs=kw, **drops)
 
     run = TrainRun(out, meta, baseline_fingerprint(ws, kind, arch, size), model.state_dict,
                    restart=opts.restart, title=f"{kind} {arch}")
@@ -159,7 +173,8 @@ def baseline_rows(ws: Workspace, opts: RunOptions) -> list[dict]:
         rows += [dict(r, dataset=n) for r in listed for n in meta["datasets"]]
         if row is None:
             continue
-        model = MultiDatasetModel(meta["arch"], meta["num_classes"], meta["baseline"])
+        model = MultiDatasetModel(meta["arch"], meta["num_classes"], meta["baseline"],
+                                  **meta.get("model_kwargs", {}))
         load_into(model, art.final / "last", f"{meta['baseline']} baseline ({meta['arch']})")
         model.to(opts.device).eval()
         size = meta["input_size"]

@@ -31,8 +31,8 @@ from .common import (
 )
 
 
-def loss_config(ws: Workspace, levels: int) -> KDLossConfig:
-    cfg = ws.exp.distill
+def loss_config(ws: Workspace, levels: int, name: str | None = None) -> KDLossConfig:
+    cfg = ws.exp.stage("distill", name)
     weights = list(cfg.level_weights)
     if len(weights) < levels:
         # Missing weights repeat the last one given (0.2 by default, as in the paper).
@@ -45,7 +45,7 @@ def loss_config(ws: Workspace, levels: int) -> KDLossConfig:
 def student_fingerprint(ws: Workspace, name: str, levels: int) -> dict:
     """A student depends on its model and data, the distill config (the loss backend aside:
     both backends compute the same loss), the seed and the joint teacher's targets."""
-    cfg = {k: v for k, v in vars(ws.exp.distill).items() if k != "loss_backend"}
+    cfg = {k: v for k, v in vars(ws.exp.stage("distill", name)).items() if k != "loss_backend"}
     return flatten({"model": model_fingerprint(ws, name), "distill": cfg, "seed": ws.exp.seed,
                     "levels": levels, "targets": digest(target_group(ws, levels, name).fingerprint)})
 
@@ -55,7 +55,7 @@ def student_status(ws: Workspace, name: str, levels: int) -> Status:
 
 
 def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
-    entry, cfg = ws.exp.entry(name), ws.exp.distill
+    entry, cfg = ws.exp.entry(name), ws.exp.stage("distill", name)
     ds = dataset_of(ws, name)
     group = target_group(ws, levels, name)
     targets = group.load()
@@ -70,12 +70,12 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
     student = Student(backbone, s_shapes, t_shapes).to(opts.device)
     apply_init(student, cfg.init)
     backend = resolve_backend(opts.loss_backend or cfg.loss_backend, opts.device)
-    kd_cfg = loss_config(ws, levels)
+    kd_cfg = loss_config(ws, levels, name)
     # Targets stay resident (fp16) on the training device; rows are gathered per batch.
     dev_t = {k: torch.from_numpy(v).to(opts.device) for k, v in targets.items() if k != "labels"}
     spec = input_spec(ws, name)
     out = ws.student_dir(name, levels)
-    steps = (N + cfg.batch_size - 1) // cfg.batch_size
+    steps = (N + cfg.micro_batch - 1) // cfg.micro_batch
     meta = base_meta("student", dataset=name, source=entry.source, arch=entry.arch,
                      num_classes=ds.num_classes, classes=ds.classes, levels=levels,
                      input_size=entry.input_size, model_kwargs=entry.model_kwargs,
@@ -84,7 +84,7 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
 
     def batches(epoch):
         order = train_order(N, epoch, ws.exp.seed, V)
-        return pipeline_for(ws, opts, name, "train", spec, order, cfg.batch_size)
+        return pipeline_for(ws, opts, name, "train", spec, order, cfg.micro_batch)
 
     def step(b):
         idx, view = b.index.to(opts.device), b.view.to(opts.device)

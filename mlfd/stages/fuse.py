@@ -50,7 +50,7 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
     sizes = [len(lab) for _, lab in train]
     V = train[0][0][0].shape[1]
     total = sum(sizes)
-    steps = (total + cfg.batch_size - 1) // cfg.batch_size
+    steps = (total + cfg.micro_batch - 1) // cfg.micro_batch
     out = ws.joint_dir(levels)
     meta = base_meta("joint", levels=levels, datasets=names, teacher_shapes=shapes,
                      num_classes=[dataset_of(ws, n).num_classes for n in names],
@@ -65,19 +65,25 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
             parts.append(np.column_stack([np.full(n, d), o]))
         allrows = np.concatenate(parts)
         allrows = allrows[np.random.default_rng([ws.exp.seed, epoch, 7]).permutation(total)]
-        for s in range(0, total, cfg.batch_size):
-            yield allrows[s:s + cfg.batch_size]
+        for s in range(0, total, cfg.micro_batch):
+            yield allrows[s:s + cfg.micro_batch]
 
     def step(rows):
-        loss = torch.zeros((), device=opts.device)
-        for d in np.unique(rows[:, 0]):
-            sel = rows[rows[:, 0] == d]
-            feats, labels = train[d]
-            emb = joint_forward_cached(joint, feats, sel[:, 1], sel[:, 2], opts.device)
-            y = torch.from_numpy(labels[sel[:, 1]]).to(opts.device)
-            logits = joint.logits(emb[0], int(d)).float()
-            ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
-            loss = loss + ce / len(rows)
+        # One forward over the whole mixed batch, so BatchNorm sees the same mixture in
+        # training as when the targets are cached; then each sample's CE on its own head.
+        parts = [rows[rows[:, 0] == d] for d in range(len(names))]
+        x = [torch.from_numpy(np.concatenate([train[d][0][t][p[:, 1], p[:, 2]]
+                                              for d, p in enumerate(parts)]))
+             .to(opts.device).float() for t in range(len(names))]
+        l1 = joint(x)[0]
+        loss, start = torch.zeros((), device=opts.device), 0
+        for d, p in enumerate(parts):
+            if len(p):
+                y = torch.from_numpy(train[d][1][p[:, 1]]).to(opts.device)
+                logits = joint.logits(l1[start:start + len(p)], d).float()
+                loss = loss + F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing,
+                                              reduction="sum") / len(rows)
+            start += len(p)
         return loss, {}, len(rows)
 
     def evaluate():

@@ -25,7 +25,7 @@ from .common import (
 
 def teacher_fingerprint(ws: Workspace, name: str) -> dict:
     """Everything a teacher's weights depend on: data, model, training config, seed."""
-    return flatten({"model": model_fingerprint(ws, name), "teach": ws.exp.teach,
+    return flatten({"model": model_fingerprint(ws, name), "teach": ws.exp.stage("teach", name),
                     "seed": ws.exp.seed})
 
 
@@ -35,14 +35,14 @@ def teacher_status(ws: Workspace, name: str) -> Status:
 
 def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
     """Train the teacher of dataset ``name``; returns its last-epoch metrics."""
-    entry, cfg = ws.exp.entry(name), ws.exp.teach
+    entry, cfg = ws.exp.entry(name), ws.exp.stage("teach", name)
     ds = dataset_of(ws, name)
     train = ds.load("train")
     seed_everything(ws.exp.seed)
     model = build_level_backbone(entry, ds.num_classes).to(opts.device)
     apply_init(model, cfg.init)
     spec = input_spec(ws, name)
-    steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    steps = (len(train) + cfg.micro_batch - 1) // cfg.micro_batch
     meta = base_meta("teacher", dataset=name, source=entry.source,
                      dataset_fingerprint=ds.fingerprint(), arch=entry.arch,
                      num_classes=ds.num_classes, classes=ds.classes, input_size=entry.input_size,
@@ -52,7 +52,7 @@ def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
 
     def batches(epoch):
         order = train_order(len(train), epoch, ws.exp.seed, "fresh")
-        return pipeline_for(ws, opts, name, "train", spec, order, cfg.batch_size,
+        return pipeline_for(ws, opts, name, "train", spec, order, cfg.micro_batch,
                             cfg.auto_augment)
 
     def step(b):
