@@ -26,8 +26,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0
-    # AutoAugment policy ("imagenet") for image-fed training without cached targets
-    # (teachers, baselines); distillation ignores it since its views must replay exactly.
+    # AutoAugment policy ("imagenet"): teachers and baselines draw it afresh every epoch;
+    # the teach value also applies to cached views > 0, which students replay exactly.
     auto_augment: str | None = None
     peak_factor: float = 10.0  # onecycle-constant: the peak lr is peak_factor * lr
     # Weights of Linear/Conv2d layers: "default" keeps timm's; Algorithm 1 uses Xavier,
@@ -56,6 +56,9 @@ class DatasetEntry:
     # architecture its lr, batch size, weight decay, temperature, alpha and beta).
     teach: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
+    # A trained teacher to import instead of training one (paper 3: the teacher training
+    # step "can be omitted"): a state-dict file (.safetensors, .pt/.pth/.bin).
+    teacher: str | None = None
 
 
 @dataclass
@@ -184,6 +187,8 @@ class Experiment:
         exp = cls.from_dict(data)
         for d in exp.datasets:
             d.source = resolve_source(str(d.source), path.parent.resolve())
+            if d.teacher:
+                d.teacher = str((path.parent.resolve() / Path(d.teacher).expanduser()).resolve())
         return exp
 
 

@@ -7,45 +7,101 @@ import errno
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from mlfd.errors import MlfdError
 
+
+class _HelpFlag:
+    """-h/--help as a bare flag: newer typer shows a Python type ('<bool>') beside it."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+
+class _Group(_HelpFlag, TyperGroup):
+    pass
+
+
+class _Command(_HelpFlag, TyperCommand):
+    pass
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Multi-Level Feature Distillation: teach -> cache -> fuse -> distill -> eval.\n\n"
          "Example (embedded demo, CPU): mlfd distill --dataset fashion-mnist-mini --levels 2",
 )
+command = partial(app.command, cls=_Command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mlfd import __version__
+
+        print(f"mlfd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, metavar="",
+        help="Print the version and exit.")] = False):
+    pass
+
 
 Workdir = Annotated[Path | None, typer.Option(
-    "--workdir", "-w", help="Experiment directory (default: ./mlfd-runs/<preset>).")]
+    "--workdir", "-w", metavar="DIR",
+    help="Experiment directory (default: ./mlfd-runs/<preset>).")]
 Datasets = Annotated[list[str] | None, typer.Option(
-    "--dataset", "-d", help="Dataset name, path, or 'all' (repeatable).")]
+    "--dataset", "-d", metavar="NAME", help="Dataset name, path, or 'all' (repeatable).")]
 Levels = Annotated[int | None, typer.Option(
-    "--levels", "-k", help="Distil at L1..LK (teachers fused at LK); default from the experiment.")]
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed (views, shuffles, init).")]
+    "--levels", "-k", metavar="K",
+    help="Distil at L1..LK (teachers fused at LK); default from the experiment.")]
+Device = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto | cpu | cuda")]
+Seed = Annotated[int | None, typer.Option(
+    "--seed", metavar="INTEGER", help="Seed (views, shuffles, init).")]
 DataRoot = Annotated[str | None, typer.Option(
-    "--data-root", envvar="MLFD_DATA", help="Where full datasets live / are downloaded.")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+    "--data-root", envvar="MLFD_DATA", metavar="DIR",
+    help="Where full datasets live / are downloaded.")]
+# Flags get metavar="": typer >= 0.2x would print their Python type ('<bool>') in the help.
+Json = Annotated[bool, typer.Option(
+    "--json", metavar="", help="Print one JSON document on stdout.")]
 Preset = Annotated[str | None, typer.Option(
-    "--preset", help="demo | paper-t1 | paper-t2, for a workspace without an experiment yet.")]
+    "--preset", metavar="NAME",
+    help="demo | paper-t1 | paper-t2, for a workspace without an experiment yet.")]
 Teacher = Annotated[list[str] | None, typer.Option(
-    "--teacher", help="DATASET=ARCH (repeatable): define a custom experiment.")]
+    "--teacher", metavar="DATASET=ARCH",
+    help="A teacher per dataset (repeatable): define a custom experiment.")]
 InputSize = Annotated[int | None, typer.Option(
-    "--input-size", help="Input resolution for --teacher experiments (default: the arch's).")]
-Epochs = Annotated[int | None, typer.Option("--epochs", help="Override epochs of every stage.")]
-BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Override batch sizes.")]
-Lr = Annotated[float | None, typer.Option("--lr", help="Override learning rates.")]
-Pipeline = Annotated[str, typer.Option("--pipeline", help="auto | dali | torch")]
+    "--input-size", metavar="PIXELS",
+    help="Input resolution for --teacher experiments (default: the arch's).")]
+Epochs = Annotated[int | None, typer.Option(
+    "--epochs", metavar="N", help="Override epochs of every stage.")]
+BatchSize = Annotated[int | None, typer.Option(
+    "--batch-size", metavar="N", help="Override batch sizes.")]
+Lr = Annotated[float | None, typer.Option("--lr", metavar="FLOAT", help="Override learning rates.")]
+Pipeline = Annotated[str, typer.Option(
+    "--pipeline", metavar="PIPELINE", help="auto | dali | torch")]
 LossBackend = Annotated[str | None, typer.Option(
-    "--loss-backend", help="auto | torch | compile | triton (default: the experiment's).")]
-Force = Annotated[bool, typer.Option("--force", help="Redo this stage even if it is up to date.")]
+    "--loss-backend", metavar="BACKEND",
+    help="auto | torch | compile | triton (default: the experiment's).")]
+Force = Annotated[bool, typer.Option(
+    "--force", metavar="", help="Redo this stage even if it is up to date.")]
 Restart = Annotated[bool, typer.Option(
-    "--restart", help="Train from scratch instead of resuming an interrupted run.")]
+    "--restart", metavar="", help="Train from scratch instead of resuming an interrupted run.")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", "-n", metavar="",
+    help="Print what would run and why (and what is reused), then exit; writes nothing.")]
 
 
 def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epochs, batch_size,
@@ -100,13 +156,7 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
     exp = ws.exp
     if seed is not None:
         exp.seed = seed
-    for cfg in (exp.teach, exp.fuse, exp.distill):
-        if epochs is not None:
-            cfg.epochs = epochs
-        if batch_size is not None:
-            cfg.batch_size = batch_size
-        if lr is not None:
-            cfg.lr = lr
+    exp.override(epochs=epochs, batch_size=batch_size, lr=lr)
     try:
         exp.validate()
     except MlfdError as e:  # name the option when an override is what is wrong
@@ -145,9 +195,8 @@ def _opts(device, pipeline="auto", loss_backend=None, force=False, restart=False
                       restart=restart)
 
 
-@contextlib.contextmanager
-def _session(ws, opts, levels=None):
-    """Check what needs data and models, then create the workspace and hold its lock."""
+def _check(ws, opts, levels=None) -> None:
+    """Check what needs data and models; nothing is written."""
     from mlfd.stages.cache import check_levels
     from mlfd.stages.common import dataset_of
 
@@ -160,6 +209,12 @@ def _session(ws, opts, levels=None):
         from mlfd.losses import resolve_backend
 
         resolve_backend(ws.exp.distill.loss_backend, opts.device)
+
+
+@contextlib.contextmanager
+def _session(ws, opts, levels=None):
+    """Check the run, then create the workspace and hold its lock."""
+    _check(ws, opts, levels)
     with ws.locked():
         ws.create()
         yield ws
@@ -192,6 +247,23 @@ def _emit(as_json: bool, doc: dict, rows: list[dict] | None = None) -> None:
         sys.stdout.write(json.dumps(doc, default=str) + "\n")
 
 
+def _dry_run(ws, opts, levels, as_json: bool, planner, *args) -> None:
+    """Check the run as a real one would, then print its plan: no lock, nothing written."""
+    from mlfd.engine.staging import set_read_only
+    from mlfd.stages.plan import announce
+
+    set_read_only()  # no lock is held: leave any other run's files as they are
+    _check(ws, opts, levels)
+    plan = planner(ws, *args)
+    write = partial(print, file=sys.stderr if as_json else sys.stdout)
+    announce(ws, plan, write)
+    write("[plan] dry run: nothing was run or written")
+    if as_json:
+        sys.stdout.write(json.dumps({"dry_run": True, "workdir": str(ws.root),
+                                     "steps": [vars(s) for s in plan.steps],
+                                     "reused": [vars(s) for s in plan.reused]}) + "\n")
+
+
 def _report(ws, opts) -> tuple[list[dict], dict]:
     from mlfd.report import write_reports
     from mlfd.stages import evaluate
@@ -200,34 +272,37 @@ def _report(ws, opts) -> tuple[list[dict], dict]:
     return rows, write_reports(ws, rows)
 
 
-@app.command()
+@command()
 def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "auto",
           seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
           preset: Preset = None, teacher: Teacher = None, input_size: InputSize = None,
           epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
           pipeline: Pipeline = "auto", force: Force = False, restart: Restart = False,
+          dry_run: DryRun = False,
           baseline: Annotated[str | None, typer.Option(
-              "--baseline", help="multi-head | joint-head: train a multi-dataset baseline "
-                                 "instead of the teachers.")] = None,
-          arch: Annotated[str | None, typer.Option(
-              "--arch", help="Architecture of the --baseline (default: the first teacher's).")]
+              "--baseline", metavar="KIND", help="multi-head | joint-head: train a "
+                                                 "multi-dataset baseline instead of the teachers.")]
           = None,
+          arch: Annotated[str | None, typer.Option(
+              "--arch", metavar="ARCH",
+              help="Architecture of the --baseline (default: the first teacher's).")] = None,
           auto_augment: Annotated[str | None, typer.Option(
-              "--auto-augment", help="imagenet | none: AutoAugment policy for teacher "
-                                     "training (default: the experiment's).")] = None):
+              "--auto-augment", metavar="POLICY", help="imagenet | none: AutoAugment policy for "
+                                                       "teacher training (default: the "
+                                                       "experiment's).")] = None):
     """Train the dataset-specific teachers (all, or those given with --dataset).
 
     Up-to-date teachers are kept (--force retrains); an interrupted run resumes.
 
     Examples:\n
       mlfd teach --preset demo --dataset mnist-mini --epochs 2\n
-      mlfd teach --workdir runs/demo --baseline joint-head --arch test_convnext
+      mlfd teach --workdir mlfd-runs/demo --baseline joint-head --arch test_convnext
     """
     from mlfd.data.pipeline import check_auto_augment
     from mlfd.engine.progress import log
     from mlfd.stages import teach as run
     from mlfd.stages.baselines import KINDS, train_baseline
-    from mlfd.stages.teach import teacher_status
+    from mlfd.stages.plan import plan_baseline, plan_teach
 
     opts = _opts(device, pipeline, force=force, restart=restart)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
@@ -240,40 +315,46 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
     if arch is not None:
         _default_size(arch)
     names = _names(ws, dataset)
+    if dry_run and baseline:
+        return _dry_run(ws, opts, None, json_out, plan_baseline, baseline, arch, input_size,
+                        restart)
+    if dry_run:
+        return _dry_run(ws, opts, None, json_out, plan_teach, names, force, restart)
     with _session(ws, opts):
         if baseline:
             res = train_baseline(ws, opts, baseline, arch, input_size)
             _emit(json_out, {"workdir": str(ws.root), "baseline": baseline, "metrics": res})
             return
-        results = {}
-        for name in names:
-            st = teacher_status(ws, name)
-            if st.ok and not force:
-                log(f"[teach] {name}: up to date (--force retrains)")
-                continue
-            log(f"[teach] {name}: {st.reason}")
-            results[name] = run(ws, opts, name)
+        plan, results = plan_teach(ws, names, force, restart), {}
+        for s in plan.reused:
+            log(f"[teach] {s.target}: up to date (--force retrains)")
+        for s in plan.steps:
+            log(f"[teach] {s.target}: {s.reason}")
+            results[s.target] = run(ws, opts, s.target)
     _emit(json_out, {"workdir": str(ws.root), "trained": results})
 
 
-@app.command()
+@command()
 def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
           seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
           preset: Preset = None, dataset: Datasets = None, pipeline: Pipeline = "auto",
-          force: Force = False, restart: Restart = False):
+          force: Force = False, restart: Restart = False, dry_run: DryRun = False):
     """Cache teacher embeddings at L_K for all datasets; then joint targets if `fuse` ran.
 
     Missing, stale or corrupt groups are (re)written; an interrupted extraction resumes
     at its last complete chunk.
 
-    Example: mlfd cache --workdir runs/demo --levels 2
+    Example: mlfd cache --workdir mlfd-runs/demo --levels 2
     """
     from mlfd.stages import cache_targets, cache_teachers
     from mlfd.stages.fuse import joint_status
+    from mlfd.stages.plan import plan_cache
 
     opts = _opts(device, pipeline, force=force, restart=restart)
     ws = _open(workdir, dataset, preset, None, None, seed, data_root, None, None, None, levels)
     k = _levels(ws, levels)
+    if dry_run:
+        return _dry_run(ws, opts, k, json_out, plan_cache, k, force)
     with _session(ws, opts, k):
         done = {"teachers": cache_teachers(ws, opts, k), "targets": []}
         if joint_status(ws, k).ok:
@@ -281,24 +362,28 @@ def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto
     _emit(json_out, {"workdir": str(ws.root), "levels": k, "written": done})
 
 
-@app.command()
+@command()
 def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
          seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
          preset: Preset = None, epochs: Epochs = None, batch_size: BatchSize = None,
-         lr: Lr = None, force: Force = False, restart: Restart = False):
+         lr: Lr = None, force: Force = False, restart: Restart = False,
+         dry_run: DryRun = False):
     """Train the joint teacher on the cached teacher embeddings of all datasets.
 
     An up-to-date joint teacher is kept (--force retrains); an interrupted run resumes.
 
-    Example: mlfd fuse --workdir runs/demo --levels 2 --epochs 10
+    Example: mlfd fuse --workdir mlfd-runs/demo --levels 2 --epochs 10
     """
     from mlfd.engine.progress import log
     from mlfd.stages import fuse as run
     from mlfd.stages.fuse import joint_status
+    from mlfd.stages.plan import plan_fuse
 
     opts = _opts(device, force=force, restart=restart)
     ws = _open(workdir, None, preset, None, None, seed, data_root, epochs, batch_size, lr, levels)
     k = _levels(ws, levels)
+    if dry_run:
+        return _dry_run(ws, opts, k, json_out, plan_fuse, k, force, restart)
     with _session(ws, opts, k):
         st = joint_status(ws, k)
         if st.ok and not force:
@@ -310,13 +395,13 @@ def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto"
     _emit(json_out, {"workdir": str(ws.root), "levels": k, "metrics": res})
 
 
-@app.command()
+@command()
 def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = None,
             device: Device = "auto", seed: Seed = None, data_root: DataRoot = None,
             json_out: Json = False, preset: Preset = None, teacher: Teacher = None,
             input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
             lr: Lr = None, pipeline: Pipeline = "auto", loss_backend: LossBackend = None,
-            force: Force = False, restart: Restart = False):
+            force: Force = False, restart: Restart = False, dry_run: DryRun = False):
     """Distil students; first runs (and announces) any missing or stale teach/cache/fuse step.
 
     Up-to-date results are reused; the plan says why each step runs. Interrupted
@@ -324,16 +409,18 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
 
     Examples:\n
       mlfd distill --dataset fashion-mnist-mini --levels 2\n
-      mlfd distill --dataset all --levels 1 --workdir runs/demo\n
+      mlfd distill --dataset all --levels 1 --workdir mlfd-runs/demo\n
       mlfd distill --teacher data/a.npz=resnet18 --teacher data/b=efficientnet_b0 --dataset a
     """
-    from mlfd.stages import run_distill
+    from mlfd.stages import plan_distill, run_distill
 
     opts = _opts(device, pipeline, loss_backend, force, restart)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
                lr, levels)
     k = _levels(ws, levels)
     names = _names(ws, dataset)
+    if dry_run:
+        return _dry_run(ws, opts, k, json_out, plan_distill, names, k, force, restart)
     with _session(ws, opts, k):
         steps = run_distill(ws, opts, names, k)
         rows, reports = _report(ws, opts)
@@ -341,22 +428,25 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
                      "steps": [vars(s) for s in steps], "rows": rows, "reports": reports}, rows)
 
 
-@app.command("eval")
+@command("eval")
 def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot = None,
           json_out: Json = False, pipeline: Pipeline = "auto"):
     """Top-1/top-5 of every complete model and the paper-style comparison table.
 
     Incomplete, corrupt or stale results are listed with their status, never as results.
 
-    Example: mlfd eval --workdir runs/demo --json
+    Example: mlfd eval --workdir mlfd-runs/demo --json
     """
+    from mlfd.engine.staging import set_read_only
+
     opts = _opts(device, pipeline)
     ws = _open(workdir, None, None, None, None, None, data_root, None, None, None, None)
+    set_read_only()  # eval takes no lock: it must not touch a running stage's files
     rows, reports = _report(ws, opts)
     _emit(json_out, {"workdir": str(ws.root), "rows": rows, "reports": reports}, rows)
 
 
-@app.command()
+@command()
 def info(json_out: Json = False):
     """Versions and which fast paths (CUDA, Triton kernel, DALI GPU) are active."""
     from mlfd.info import collect
@@ -377,14 +467,18 @@ def info(json_out: Json = False):
 def main() -> None:
     """Exit codes: 0 ok, 1 internal error (a bug), 2 bad input or state, 3 filesystem,
     4 workdir in use by another run, 130 interrupted."""
+    from mlfd.engine.staging import set_read_only
+
     usage_errors, no_args, aborts = _click_exceptions()
+    set_read_only(False)  # per command (tests run many in one process)
     try:
         code = app(standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C into Exit(130)
             raise KeyboardInterrupt
         sys.exit(code if isinstance(code, int) else 0)
-    except no_args as e:
-        print(e.ctx.get_help())
+    except no_args as e:  # the rich help is printed while the error is made; plain is not
+        if e.format_message():
+            print(e.format_message())
         sys.exit(0)
     except usage_errors as e:  # usage errors: one line, like every other error
         print(f"error: {e.format_message()}", file=sys.stderr)

@@ -339,3 +339,91 @@ def test_fuse_forwards_each_mixed_batch_once(ws, capsys, monkeypatch):
     assert code == 0, err
     # 48 + 48 cached training samples, batch 16: six forwards of 16 (before: twelve halves)
     assert sizes == [16] * 6
+
+
+# --------------------------------------------------------------------------- import
+
+
+def test_imported_teacher_replaces_training(ws, tmp_path, capsys):
+    """Paper 3: the teacher training step "can be omitted". A state dict saved by another
+    script (torch file, nested, DataParallel-prefixed) is evaluated and becomes the
+    teacher; the same weights give the same checkpoint, so nothing downstream is redone."""
+    import json
+
+    import torch
+    import yaml
+    from helpers import LOCAL, bad, run
+    from safetensors.torch import load_file
+
+    from mlfd.stages.plan import plan_distill
+    from mlfd.workspace import Workspace
+
+    weights = load_file(str(ws / "teachers/alpha/last.safetensors"))
+    ckpt = tmp_path / "alpha-teacher.pth"
+    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in weights.items()}}, ckpt)
+    trained = json.loads((ws / "teachers/alpha/last.json").read_text())
+    code, out, err = run(capsys, "eval", "--workdir", ws, "--json", *LOCAL)
+    before = next(r for r in json.loads(out)["rows"] if r["model"] == "teacher"
+                  and r["dataset"] == "alpha")
+
+    exp = yaml.safe_load((ws / "experiment.yaml").read_text())
+    exp["datasets"][0]["teacher"] = "../alpha-teacher.pth"  # relative to experiment.yaml
+    (ws / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
+    steps = plan_distill(Workspace.open(ws), ["alpha"], 2).steps
+    assert steps[0].verb == "teach" and "import.sha256" in steps[0].reason
+    code, _, err = run(capsys, "teach", "--workdir", ws, *LOCAL)
+    assert code == 0, err
+    meta = json.loads((ws / "teachers/alpha/last.json").read_text())
+    assert meta["imported"] == str(ckpt) and meta["complete"]
+    assert meta["sha256"] == trained["sha256"]  # the very same weights
+    assert meta["metrics"]["top1"] == before["top1"]  # evaluated on import
+    assert plan_distill(Workspace.open(ws), ["alpha"], 2).steps == []
+
+    # beta's ViT weights do not fit alpha's ResNet: one line, nothing replaced
+    torch.save(load_file(str(ws / "teachers/beta/last.safetensors")), ckpt)
+    msg = bad(capsys, "teach", "--workdir", ws, *LOCAL)
+    assert "does not fit test_resnet with 3 classes" in msg
+    assert json.loads((ws / "teachers/alpha/last.json").read_text())["sha256"] == meta["sha256"]
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_cached_views_replay_the_teachers_auto_augment(ws, capsys):
+    """Students see the augmentation family teachers and baselines get: with AutoAugment
+    on, cached views > 0 are AutoAugmented, and the distill pipeline renders exactly the
+    pixels each cached target was computed from."""
+    import numpy as np
+    import torch
+    import yaml
+    from helpers import LOCAL, run
+
+    from mlfd.data.sampling import train_order
+    from mlfd.stages.cache import teacher_group, view_augment
+    from mlfd.stages.common import RunOptions, input_spec, load_teacher, pipeline_for
+    from mlfd.workspace import Workspace
+
+    exp = yaml.safe_load((ws / "experiment.yaml").read_text())
+    exp["teach"]["auto_augment"] = "imagenet"
+    (ws / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
+    w = Workspace.open(ws)
+    assert teacher_group(w, 2, "alpha", "train").fingerprint["auto_augment"] == "imagenet"
+    assert "auto_augment" not in teacher_group(w, 2, "alpha", "test").fingerprint
+    code, _, err = run(capsys, "cache", "--workdir", ws, "--levels", 2, *LOCAL)
+    assert code == 0, err
+
+    opts = RunOptions(device=torch.device("cpu"), pipeline="torch")
+    cached = teacher_group(w, 2, "alpha", "train").load(["alpha"])["alpha"]
+    teacher, _ = load_teacher(w, "alpha", opts.device)
+    order = train_order(48, 3, w.exp.seed, 4)[:16]  # what distill epoch 3 would draw
+    spec = input_spec(w, "alpha")
+    for policy, same in ((view_augment(w, "alpha"), True), (None, False)):
+        (b,) = list(pipeline_for(w, opts, "alpha", "train", spec, order, 16, policy))
+        with torch.no_grad():
+            feats = teacher(b.images, 2)[1][1].numpy().astype(np.float16)
+        match = np.isclose(feats, cached[order[:, 0], order[:, 1]], rtol=1e-2, atol=1e-2)
+        rows = match.reshape(16, -1).all(1)
+        if same:  # every sample, augmented or clean, matches its cached target
+            assert rows.all()
+        else:  # without the policy, the augmented views no longer match
+            assert not rows[order[:, 1] > 0].all()

@@ -10,23 +10,22 @@ plugs in beside it through :func:`build_pipeline`):
   cover the pairs in order, the last batch possibly partial;
 * optional ``auto_augment`` (``None`` or ``"imagenet"``), the same in every backend.
 
-AutoAugment (ImageNet policy, the 25 sub-policies of Cubuk et al. 2019): applied only
-to samples whose view id is > 0 (view 0, the clean eval view, keeps exactly the pixels
-it has without it). Order, in every backend: replayable geometry (crop, resize, flip)
--> round to uint8 -> AutoAugment -> channel matching -> normalisation, so samples of
-views > 0 are 8-bit rounded even when no op fires. Geometric ops fill with grey 128,
-resample bilinearly and translate by at most 150/331 of the output size (torchvision's
-ImageNet ranges). A grayscale source is augmented as grayscale (DALI replicates it to
-RGB for its colour ops and reads one channel back; every op keeps equal channels equal).
+AutoAugment (ImageNet policy, the 25 sub-policies of Cubuk et al. 2019; see
+auto_augment.py): applied only to samples whose view id is > 0 (view 0, the clean eval
+view, keeps exactly the pixels it has without it). Order, in every backend: replayable
+geometry (crop, resize, flip) -> round to uint8 -> AutoAugment -> channel matching ->
+normalisation, so samples of views > 0 are 8-bit rounded even when no op fires.
+Geometric ops fill with grey 128, resample bilinearly and translate by at most 150/331
+of the output size (torchvision's ImageNet ranges). A grayscale source is augmented as
+grayscale (every op keeps equal channels equal; Color leaves one channel alone, as
+torchvision does).
 
-AutoAugment is random and NOT replayable: the backends draw differently, and DALI's
-draws follow batch position rather than the sample. It is meant for teacher training
-("fresh" views) and must not be used where pixels have to match cached targets
-(filling a cache, distilling against one). Seeding: the torch backend reseeds torch's
-CPU generator per sample from (seed, index, view) inside ``torch.random.fork_rng``
-(torchvision's ``v2.AutoAugment`` takes no ``torch.Generator``), so a run repeats and
-the caller's global RNG is untouched; the DALI backend seeds its pipeline from (seed,
-first view id of the order), so each "fresh" epoch draws a new sequence.
+AutoAugment is replayable: its random decisions (sub-policy, which steps fire, signs)
+are drawn on the host from (seed, index, view) by ``auto_augment.draw``, never from a
+global generator, so a view > 0 has the same pixels in any run, stage, batch size or
+order, and a cache filled with augmented views can be replayed by the distillation
+pipeline. Both backends apply the same resolved steps; this one with torchvision's
+functional ops on uint8 (their outputs are the reference the DALI backend matches).
 """
 
 from __future__ import annotations
@@ -41,22 +40,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MlfdError
-from .views import ViewConfig, counter_uniform, view_params
-
-AUTO_AUGMENT_POLICIES = ("imagenet",)
-# counter_uniform stream for AutoAugment seeds (views use 0-4, view choice 101).
-AUTO_AUGMENT_STREAM = 202
-AUTO_AUGMENT_FILL = 128  # grey, as the AutoAugment reference implementation pads
-AUTO_AUGMENT_TRANSLATE = 150.0 / 331.0  # torchvision's ImageNet translate range
+from . import auto_augment as aa
+from .views import ViewConfig, view_params
 
 
 def check_auto_augment(policy: str | None) -> str | None:
     """The canonical policy name, or None; anything else is a one-line MlfdError."""
     if policy is None:
         return None
-    name = policy.lower() if isinstance(policy, str) else policy
-    if name not in AUTO_AUGMENT_POLICIES:
-        raise MlfdError(f"unknown auto_augment policy {policy!r}: choose imagenet or leave it off")
+    name = policy.lower() if isinstance(policy, str) else None
+    if name not in aa.POLICIES:
+        raise MlfdError(f"unknown auto_augment policy {policy!r}: choose "
+                        f"{' or '.join(aa.POLICIES)} or leave it off")
     return name
 
 
@@ -128,45 +123,64 @@ def render(
     return x
 
 
-_AUTO_AUGMENT_OPS: dict[str, Callable] = {}
-
-
-def _auto_augment_op(policy: str):
-    """One torchvision transform per policy and process (DataLoader workers build their own)."""
-    op = _AUTO_AUGMENT_OPS.get(policy)
-    if op is None:
-        from torchvision.transforms import v2  # after mlfd's torchvision shim (package import)
-
-        assert policy == "imagenet"
-        op = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET,
-                            interpolation=v2.InterpolationMode.BILINEAR, fill=AUTO_AUGMENT_FILL)
-        _AUTO_AUGMENT_OPS[policy] = op
-    return op
-
-
 def auto_augment_views(x: torch.Tensor, *, policy: str, seed: int, index: np.ndarray,
                        view: np.ndarray) -> torch.Tensor:
     """AutoAugment the rows of a resampled batch whose view id is > 0.
 
     ``x`` is float (B, C, H, W) in [0, 1]; augmented rows are rounded to uint8 (the
     policy's ops are defined on 8-bit images) and come back as float in [0, 1]; rows of
-    view 0 are returned untouched. Per-sample seeds make the draws repeatable in this
-    backend without disturbing the caller's RNG stream.
+    view 0 are returned untouched. The steps come from ``auto_augment.plan``, so they
+    depend on (seed, index, view) only.
     """
-    rows = np.flatnonzero(np.asarray(view) > 0)
+    steps = aa.plan(policy, seed, index, view, x.shape[2], x.shape[3])
+    rows = np.flatnonzero(steps.active)
     if len(rows) == 0:
         return x
     check_auto_augment_channels(x.shape[1])
-    op = _auto_augment_op(policy)
-    u = counter_uniform(seed, np.asarray(index)[rows], np.asarray(view)[rows], AUTO_AUGMENT_STREAM)
-    seeds = (u * float(1 << 53)).astype(np.int64)
     x = x.clone()
-    with torch.random.fork_rng(devices=[]):  # v2.AutoAugment draws from the CPU generator
-        for r, s in zip(rows.tolist(), seeds.tolist()):
-            torch.default_generator.manual_seed(s)  # not torch.manual_seed: leave CUDA's alone
-            u8 = x[r].mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-            x[r] = op(u8).float().div_(255.0)
+    for r in rows.tolist():
+        u8 = x[r].mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        for op, param in zip(steps.op[r].tolist(), steps.param[r].tolist(), strict=True):
+            if op >= 0:
+                u8 = apply_op(u8, aa.OPS[op], param)
+        x[r] = u8.float().div_(255.0)
     return x
+
+
+def apply_op(img: torch.Tensor, op: str, param: float) -> torch.Tensor:
+    """One AutoAugment step on a uint8 (C, H, W) image, as torchvision's v2.AutoAugment does it."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF  # after mlfd's torchvision shim
+
+    geo = dict(interpolation=InterpolationMode.BILINEAR, fill=float(aa.FILL))
+    if op == "Rotate":
+        return TF.rotate(img, angle=param, **geo)
+    if op in ("ShearX", "ShearY"):
+        shear = [aa.shear_degrees(param), 0.0] if op == "ShearX" else [0.0, aa.shear_degrees(param)]
+        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0],
+                         **geo)
+    if op in ("TranslateX", "TranslateY"):
+        move = [int(param), 0] if op == "TranslateX" else [0, int(param)]
+        return TF.affine(img, angle=0.0, translate=move, scale=1.0, shear=[0.0, 0.0], **geo)
+    if op == "Brightness":
+        return TF.adjust_brightness(img, param)
+    if op == "Color":
+        return TF.adjust_saturation(img, param)
+    if op == "Contrast":
+        return TF.adjust_contrast(img, param)
+    if op == "Sharpness":
+        return TF.adjust_sharpness(img, param)
+    if op == "Posterize":
+        return TF.posterize(img, int(param))
+    if op == "Solarize":
+        return TF.solarize(img, param)
+    if op == "AutoContrast":
+        return TF.autocontrast(img)
+    if op == "Equalize":
+        return TF.equalize(img)
+    if op == "Invert":
+        return TF.invert(img)
+    raise ValueError(f"unknown AutoAugment op {op!r}")
 
 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -342,7 +356,7 @@ def build_pipeline(split, spec: InputSpec, order: np.ndarray, batch_size: int, *
     """The pipeline seam: ``auto`` prefers DALI where it imports, else torch.
 
     ``auto_augment`` (None or "imagenet") is passed to the backend; see the module
-    docstring for where it applies and why it is for teacher training only.
+    docstring for where it applies.
     """
     auto_augment = check_auto_augment(auto_augment)  # fail before importing a backend
     backend = (backend or "auto").lower()

@@ -45,7 +45,7 @@ class Artifact(StagedDir):
     def status(self, fingerprint: dict | None = None) -> Status:
         """State of the complete result against the fingerprint the experiment asks for."""
         self.recover()
-        stem = self.final / "last"
+        stem = self.readable() / "last"
         if not stem.with_suffix(".json").exists() and not stem.with_suffix(".safetensors").exists():
             return Status("missing", "not trained yet")
         problem = verify_checkpoint(stem)

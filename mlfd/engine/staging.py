@@ -26,13 +26,28 @@ def interrupt_note() -> str | None:
     return _NOTE.get("note")
 
 
+# Commands that hold no workdir lock (eval, --dry-run) must not finish another process's
+# promotion: between its two renames that would make its second rename fail.
+_READ_ONLY = {"on": False}
+
+
+def set_read_only(on: bool = True) -> None:
+    _READ_ONLY["on"] = on
+
+
 class StagedDir:
     def __init__(self, final: Path):
         self.final = Path(final)
         self.staging = self.final.parent / f".{self.final.name}.partial"
         self.old = self.final.parent / f".{self.final.name}.old"
 
+    def readable(self) -> Path:
+        """Where the complete result is now: ``old`` only mid-promotion."""
+        return self.old if not self.final.exists() and self.old.exists() else self.final
+
     def recover(self) -> None:
+        if _READ_ONLY["on"]:
+            return
         if self.old.exists():
             if not self.final.exists():
                 os.replace(self.old, self.final)

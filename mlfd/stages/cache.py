@@ -28,6 +28,13 @@ def _views(ws: Workspace, split: str) -> int:
     return ws.exp.cache.views if split == "train" else 1
 
 
+def view_augment(ws: Workspace, data_name: str, split: str = "train") -> str | None:
+    """The AutoAugment policy of cached views > 0: the one the dataset's teacher and the
+    baselines train with, so students see the same augmentation family (replayable per
+    (seed, sample, view) in both pipelines). Test images have only the clean view."""
+    return ws.exp.stage("teach", data_name).auto_augment if split == "train" else None
+
+
 def embedding_fingerprint(ws: Workspace, levels: int, data_name: str, split: str) -> dict:
     teachers = {}
     for e in ws.exp.datasets:
@@ -41,6 +48,8 @@ def embedding_fingerprint(ws: Workspace, levels: int, data_name: str, split: str
         "views": _views(ws, split), "view_seed": ws.exp.seed,
         "view_config": {"hflip": ws.exp.entry(data_name).hflip},
         "dtype": ws.exp.cache.dtype, "teachers": digest(teachers),
+        # only when set: caches made without AutoAugment keep their fingerprint
+        **({"auto_augment": p} if (p := view_augment(ws, data_name, split)) else {}),
     }
 
 
@@ -110,7 +119,7 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
                                      total=(len(order) + batch - 1) // batch, items=0, info="",
                                      unit="img")
                 pipe = pipeline_for(ws, opts, data_name, split, input_spec(ws, e.name), order,
-                                    batch)
+                                    batch, view_augment(ws, data_name, split))
                 seen = 0
                 for b in pipe:
                     with autocast(opts.device):

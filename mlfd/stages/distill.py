@@ -19,7 +19,7 @@ from ..losses import KDLossConfig, kd_loss, resolve_backend
 from ..models import Student, build_level_backbone, level_shapes
 from ..models.backbone import apply_init
 from ..workspace import Workspace
-from .cache import target_group
+from .cache import target_group, view_augment
 from .common import (
     RunOptions,
     base_meta,
@@ -84,7 +84,9 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
 
     def batches(epoch):
         order = train_order(N, epoch, ws.exp.seed, V)
-        return pipeline_for(ws, opts, name, "train", spec, order, cfg.micro_batch)
+        # the views the targets were cached for, AutoAugment included (replayable)
+        return pipeline_for(ws, opts, name, "train", spec, order, cfg.micro_batch,
+                            view_augment(ws, name))
 
     def step(b):
         idx, view = b.index.to(opts.device), b.view.to(opts.device)

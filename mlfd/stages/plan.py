@@ -13,11 +13,19 @@ from dataclasses import dataclass, field
 from ..engine.artifact import Artifact
 from ..engine.progress import log
 from ..workspace import Workspace
-from .cache import cache_targets, cache_teachers, check_levels, target_group, teacher_group
+from .baselines import baseline_dir, baseline_fingerprint
+from .cache import (
+    SPLITS,
+    cache_targets,
+    cache_teachers,
+    check_levels,
+    target_group,
+    teacher_group,
+)
 from .common import RunOptions
-from .distill import distill, student_fingerprint, student_status
+from .distill import distill, student_fingerprint
 from .fuse import fuse, joint_fingerprint, joint_status
-from .teach import teach, teacher_fingerprint, teacher_status
+from .teach import teach, teacher_fingerprint
 
 
 @dataclass
@@ -41,6 +49,64 @@ def _resume_note(art: Artifact, fingerprint: dict, restart: bool) -> str:
     return f"; resumes after epoch {done}" if done else ""
 
 
+def _trained(plan: Plan, verb: str, target: str, art: Artifact, fingerprint: dict,
+             force: bool, restart: bool) -> bool:
+    """Add a trained result to ``plan``: reused if up to date (and not forced), else a step
+    saying why; True if it runs."""
+    st = art.status(fingerprint)
+    if st.ok and not force:
+        plan.reused.append(Step(verb, target, st.reason))
+        return False
+    reason = "forced" if st.ok else st.reason
+    plan.steps.append(Step(verb, target, reason + _resume_note(art, fingerprint, restart)))
+    return True
+
+
+def plan_teach(ws: Workspace, names: list[str], force: bool = False,
+               restart: bool = False) -> Plan:
+    """The teachers `mlfd teach` trains: missing, incomplete, corrupt or stale ones."""
+    plan = Plan()
+    for n in names:
+        _trained(plan, "teach", n, Artifact(ws.teacher_dir(n)), teacher_fingerprint(ws, n),
+                 force, restart)
+    return plan
+
+
+def plan_baseline(ws: Workspace, kind: str, arch: str | None, size: int | None,
+                  restart: bool = False) -> Plan:
+    """`mlfd teach --baseline` trains on every run; the reason says what is there now."""
+    arch, size = arch or ws.exp.datasets[0].arch, size or ws.exp.datasets[0].input_size
+    art, fp = Artifact(baseline_dir(ws, kind, arch)), baseline_fingerprint(ws, kind, arch, size)
+    plan = Plan()
+    _trained(plan, "teach", f"{kind} baseline {arch}", art, fp, True, restart)
+    return plan
+
+
+def plan_fuse(ws: Workspace, levels: int, force: bool = False, restart: bool = False) -> Plan:
+    plan = Plan()
+    _trained(plan, "fuse", f"joint teacher L{levels}", Artifact(ws.joint_dir(levels)),
+             joint_fingerprint(ws, levels), force, restart)
+    return plan
+
+
+def plan_cache(ws: Workspace, levels: int, force: bool = False) -> Plan:
+    """The groups `mlfd cache` (re)writes: every teacher-embedding group, then the joint
+    targets if the joint teacher is up to date."""
+    groups = [(f"teachers L{levels} {n}/{s}", teacher_group(ws, levels, n, s))
+              for n in ws.exp.names() for s in SPLITS]
+    if joint_status(ws, levels).ok:
+        groups += [(f"targets L{levels} {n}", target_group(ws, levels, n))
+                   for n in ws.exp.names()]
+    plan = Plan()
+    for target, g in groups:
+        why = g.reason()  # 'ok' exactly when the group is complete, current and intact
+        if why == "ok" and not force:
+            plan.reused.append(Step("cache", target, "up to date"))
+        else:
+            plan.steps.append(Step("cache", target, "forced" if why == "ok" else why))
+    return plan
+
+
 def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = False,
                  restart: bool = False) -> Plan:
     """Steps in order; a redone stage makes everything downstream of it stale too."""
@@ -49,26 +115,22 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
     def add(verb, target, reason, redo):
         (plan.steps if redo else plan.reused).append(Step(verb, target, reason))
 
-    changed = False
-    for e in ws.exp.datasets:
-        st = teacher_status(ws, e.name)
-        note = "" if st.ok else _resume_note(Artifact(ws.teacher_dir(e.name)),
-                                             teacher_fingerprint(ws, e.name), restart)
-        add("teach", e.name, st.reason + note, not st.ok)
-        changed |= not st.ok
-    groups = [teacher_group(ws, levels, n, s) for n in ws.exp.names() for s in ("train", "test")]
+    def merge(sub: Plan) -> bool:
+        plan.steps.extend(sub.steps)
+        plan.reused.extend(sub.reused)
+        return bool(sub.steps)
+
+    changed = merge(plan_teach(ws, ws.exp.names(), restart=restart))
+    groups = [teacher_group(ws, levels, n, s) for n in ws.exp.names() for s in SPLITS]
     bad = [f"{g.path.parent.name}/{g.path.name}: {g.reason()}" for g in groups
            if g.status() != "ok"] if not changed else []
     add("cache", f"teacher embeddings L{levels}",
         "teachers change" if changed else (bad[0] if bad else "up to date"), changed or bad)
     changed |= bool(bad)
-    st = None if changed else joint_status(ws, levels)
-    redo = changed or not st.ok
-    note = _resume_note(Artifact(ws.joint_dir(levels)), joint_fingerprint(ws, levels), restart) \
-        if redo and not changed else ""
-    add("fuse", f"joint teacher L{levels}", ("upstream changes" if changed else st.reason) + note,
-        redo)
-    changed |= redo
+    if changed:
+        add("fuse", f"joint teacher L{levels}", "upstream changes", True)
+    else:
+        changed = merge(plan_fuse(ws, levels, restart=restart))
     stale = [] if changed else [f"{n}: {target_group(ws, levels, n).reason()}" for n in names
                                 if target_group(ws, levels, n).status() != "ok"]
     add("cache", f"joint targets L{levels}",
@@ -78,23 +140,19 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
         target = f"{n} L{levels}"
         if changed or stale:
             add("distill", target, "upstream changes", True)
-        elif force:
-            add("distill", target, "forced", True)
         else:
-            st = student_status(ws, n, levels)
-            note = "" if st.ok else _resume_note(Artifact(ws.student_dir(n, levels)),
-                                                 student_fingerprint(ws, n, levels), restart)
-            add("distill", target, st.reason + note, not st.ok)
+            _trained(plan, "distill", target, Artifact(ws.student_dir(n, levels)),
+                     student_fingerprint(ws, n, levels), force, restart)
     return plan
 
 
-def announce(ws: Workspace, plan: Plan) -> None:
-    log(f"[plan] workspace {ws.root} — {len(plan.steps)} step(s) to run, "
-        f"{len(plan.reused)} up to date:")
+def announce(ws: Workspace, plan: Plan, write=log) -> None:
+    write(f"[plan] workspace {ws.root} — {len(plan.steps)} step(s) to run, "
+          f"{len(plan.reused)} up to date:")
     for s in plan.reused:
-        log(f"  =  {s.verb:<8} {s.target:<28} (up to date)")
+        write(f"  =  {s.verb:<8} {s.target:<28} (up to date)")
     for i, s in enumerate(plan.steps, 1):
-        log(f"  {i}. {s}")
+        write(f"  {i}. {s}")
 
 
 def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int) -> list[Step]:

@@ -1,14 +1,21 @@
-"""Stage `teach`: one teacher per dataset, trained from scratch with cross-entropy."""
+"""Stage `teach`: one teacher per dataset, trained from scratch with cross-entropy, or
+imported from a checkpoint the user brings (``DatasetEntry.teacher``)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import torch
 import torch.nn.functional as F
 
 from ..data.sampling import train_order
 from ..engine.artifact import Artifact, Status, TrainRun
+from ..engine.checkpoint import file_sha256, save_checkpoint
 from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
+from ..errors import MlfdError
 from ..models import build_level_backbone
 from ..models.backbone import apply_init
 from ..workspace import Workspace
@@ -24,9 +31,86 @@ from .common import (
 
 
 def teacher_fingerprint(ws: Workspace, name: str) -> dict:
-    """Everything a teacher's weights depend on: data, model, training config, seed."""
+    """Everything a teacher's weights depend on: data, model, training config, seed; for an
+    imported teacher, the model and the checkpoint file's sha256."""
+    entry = ws.exp.entry(name)
+    if entry.teacher:
+        return flatten({"model": model_fingerprint(ws, name),
+                        "import": {"sha256": _import_sha(entry.teacher)}})
     return flatten({"model": model_fingerprint(ws, name), "teach": ws.exp.stage("teach", name),
                     "seed": ws.exp.seed})
+
+
+_SHA: dict[tuple[str, float, int], str] = {}
+
+
+def _import_sha(path: str) -> str | None:
+    """sha256 of an imported checkpoint (memoised by mtime and size: plans ask often)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    st = p.stat()
+    key = (str(p), st.st_mtime, st.st_size)
+    if key not in _SHA:
+        _SHA[key] = file_sha256(p)
+    return _SHA[key]
+
+
+def read_state_dict(path: str) -> dict:
+    """A state dict from .safetensors or a torch file (also nested under 'state_dict',
+    'model' or 'state_dict_ema', as training scripts save them); one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise MlfdError(f"teacher checkpoint {p} does not exist")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip errors: all mean "not readable"
+        raise MlfdError(f"teacher checkpoint {p} is not readable: "
+                        f"{str(e).splitlines()[0]}") from None
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise MlfdError(f"teacher checkpoint {p} holds no state dict of tensors")
+    # DataParallel / DDP checkpoints prefix every key with "module."
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def import_teacher(ws: Workspace, opts: RunOptions, name: str) -> dict:
+    """Load the dataset's imported teacher into its architecture, evaluate it on the test
+    split and store it as the complete teacher of ``name``; returns its metrics."""
+    entry = ws.exp.entry(name)
+    ds = dataset_of(ws, name)
+    model = build_level_backbone(entry, ds.num_classes)
+    state = read_state_dict(entry.teacher)
+    try:
+        model.model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise MlfdError(f"teacher checkpoint {entry.teacher} does not fit {entry.arch} with "
+                        f"{ds.num_classes} classes: {str(e).splitlines()[0]}") from None
+    model.to(opts.device).eval()
+    row = evaluate_images(ws, opts, name, input_spec(ws, name), model.model)
+    log(f"[teach] {name}: imported {entry.teacher}: test top1 {row['top1']:.4f}")
+    fingerprint = teacher_fingerprint(ws, name)
+    meta = base_meta("teacher", dataset=name, source=entry.source,
+                     dataset_fingerprint=ds.fingerprint(), arch=entry.arch,
+                     num_classes=ds.num_classes, classes=ds.classes, input_size=entry.input_size,
+                     model_kwargs=entry.model_kwargs, mean=list(ds.mean), std=list(ds.std),
+                     imported=entry.teacher, seed=ws.exp.seed, fingerprint=fingerprint,
+                     epoch=0, epochs=0, metrics=row, complete=True)
+    art = Artifact(ws.teacher_dir(name))
+    art.recover()
+    if art.staging.exists():
+        shutil.rmtree(art.staging)
+    art.staging.mkdir(parents=True)
+    save_checkpoint(art.staging / "last", model.model.state_dict(), meta)
+    art.promote()
+    return row
 
 
 def teacher_status(ws: Workspace, name: str) -> Status:
@@ -34,8 +118,10 @@ def teacher_status(ws: Workspace, name: str) -> Status:
 
 
 def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
-    """Train the teacher of dataset ``name``; returns its last-epoch metrics."""
+    """Train (or import) the teacher of dataset ``name``; returns its last-epoch metrics."""
     entry, cfg = ws.exp.entry(name), ws.exp.stage("teach", name)
+    if entry.teacher:
+        return import_teacher(ws, opts, name)
     ds = dataset_of(ws, name)
     train = ds.load("train")
     seed_everything(ws.exp.seed)

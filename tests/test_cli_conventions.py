@@ -1,0 +1,159 @@
+"""CLI conventions: --dry-run writes nothing, --version, -h, help without Python type names."""
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import TINY, bad, make_npz, run
+
+from mlfd_cli.main import main
+
+LOCAL = ["--device", "cpu", "--pipeline", "torch"]
+VERBS = ["teach", "cache", "fuse", "distill", "eval", "info"]
+
+
+def _teachers(root: Path) -> list:
+    a, b = make_npz(root / "alpha.npz", 0), make_npz(root / "beta.npz", 1, classes=4, channels=3)
+    return ["--teacher", f"{a}=test_resnet", "--teacher", f"{b}=test_vit"]
+
+
+def _edit(w: Path, section: str, **values) -> None:
+    exp = yaml.safe_load((w / "experiment.yaml").read_text())
+    exp[section].update(values)
+    (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
+
+
+def _tree(root: Path) -> dict:
+    """Every file's bytes and every entry's mtime: what a run that writes nothing keeps."""
+    snap = {}
+    for d, dirs, files in os.walk(root):
+        for name in [".", *dirs, *files]:
+            p = Path(d) / name
+            snap[str(p.relative_to(root))] = (p.stat().st_mtime_ns,
+                                              p.read_bytes() if p.is_file() else None)
+    return snap
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A complete L2 experiment whose experiment.yaml says what TINY's overrides said."""
+    root = tmp_path_factory.mktemp("finished")
+    w = root / "ws"
+    old = sys.argv
+    sys.argv = ["mlfd", *map(str, ["distill", "--workdir", w, *_teachers(root), "--dataset",
+                                   "alpha", "--levels", 2, *TINY])]
+    try:
+        main()
+    except SystemExit as e:
+        assert not e.code
+    finally:
+        sys.argv = old
+    for section in ("teach", "fuse", "distill"):
+        _edit(w, section, epochs=1, batch_size=16)
+    return w
+
+
+@pytest.fixture
+def ws(finished, tmp_path):
+    w = tmp_path / "ws"
+    shutil.copytree(finished, w)
+    return w
+
+
+def _dry(capsys, *args) -> tuple[dict, str]:
+    code, out, err = run(capsys, *args, "--dry-run", "--json")
+    assert code == 0, err
+    return json.loads(out), err
+
+
+# --------------------------------------------------------------------------- --dry-run
+
+
+def test_dry_run_on_an_empty_workdir_creates_nothing(tmp_path, capsys):
+    w = tmp_path / "ws"
+    cmd = ["distill", "--workdir", w, *_teachers(tmp_path), "--dataset", "alpha", "--levels", 2,
+           *TINY]
+    doc, err = _dry(capsys, *cmd)
+    assert doc["dry_run"] is True and doc["reused"] == []
+    assert [s["verb"] for s in doc["steps"]] == ["teach", "teach", "cache", "fuse", "cache",
+                                                 "distill"]
+    assert doc["steps"][0]["reason"] == "not trained yet"
+    assert "[plan]" in err and "nothing was run or written" in err
+    code, out, _ = run(capsys, *cmd, "-n")  # without --json the plan is the output
+    assert code == 0 and "1. teach" in out and "6. distill" in out
+    assert bad(capsys, *cmd, "--levels", 0, "-n").endswith(">= 1, got 0")  # checked first
+    assert not w.exists()
+
+
+def test_dry_run_names_the_change_and_touches_nothing(ws, capsys):
+    _edit(ws, "teach", lr=0.002)
+    before = _tree(ws)
+    doc, _ = _dry(capsys, "distill", "--workdir", ws, "--dataset", "alpha", *LOCAL)
+    assert [s["verb"] for s in doc["steps"]] == ["teach", "teach", "cache", "fuse", "cache",
+                                                 "distill"]
+    assert "teach.lr 0.001 → 0.002" in doc["steps"][0]["reason"]
+    doc, _ = _dry(capsys, "teach", "--workdir", ws, "--dataset", "beta", *LOCAL)
+    assert [(s["target"], "teach.lr" in s["reason"]) for s in doc["steps"]] == [("beta", True)]
+    # cache and fuse go by the teachers there are: the teacher edit is not theirs to redo
+    doc, _ = _dry(capsys, "fuse", "--workdir", ws, "--levels", 2, "--device", "cpu")
+    assert doc["steps"] == [] and [s["reason"] for s in doc["reused"]] == ["up to date"]
+    doc, _ = _dry(capsys, "cache", "--workdir", ws, "--levels", 2, *LOCAL)
+    assert [(s["target"], s["reason"]) for s in doc["steps"]] == [("targets L2 beta", "missing")]
+    assert _tree(ws) == before  # no lock taken, no file written, no mtime changed
+
+
+def test_dry_run_of_each_stage(ws, capsys):
+    doc, _ = _dry(capsys, "cache", "--workdir", ws, "--levels", 2, *LOCAL)
+    assert {s["reason"] for s in doc["reused"]} == {"up to date"}
+    assert [s["target"] for s in doc["reused"]] == [
+        "teachers L2 alpha/train", "teachers L2 alpha/test", "teachers L2 beta/train",
+        "teachers L2 beta/test", "targets L2 alpha"]  # only alpha was distilled
+    shutil.rmtree(ws / "cache/teachers-L2.zarr/beta/test")
+    before = _tree(ws)
+    doc, _ = _dry(capsys, "cache", "--workdir", ws, "--levels", 2, *LOCAL)
+    assert [(s["target"], s["reason"]) for s in doc["steps"]] == [
+        ("teachers L2 beta/test", "missing"), ("targets L2 beta", "missing")]
+    doc, _ = _dry(capsys, "fuse", "--workdir", ws, "--levels", 2, "--device", "cpu", "--force")
+    assert [(s["verb"], s["reason"]) for s in doc["steps"]] == [("fuse", "forced")]
+    doc, _ = _dry(capsys, "teach", "--workdir", ws, "--baseline", "multi-head", *LOCAL)
+    assert [(s["target"], s["reason"]) for s in doc["steps"]] == [
+        ("multi-head baseline test_resnet", "not trained yet")]
+    assert _tree(ws) == before
+
+
+# --------------------------------------------------------------------------- --version, -h
+
+
+def test_version(capsys):
+    from mlfd import __version__
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"mlfd {__version__}"
+
+
+def test_bare_command_prints_the_help_once(capsys):
+    code, out, _ = run(capsys)
+    assert code == 0 and out.count("Usage:") == 1
+
+
+@pytest.mark.parametrize("args", [["-h"], ["distill", "-h"]])
+def test_short_help(capsys, args):
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and "Usage:" in out and "--help" in out
+    assert out == run(capsys, *args[:-1], "--help")[1]
+
+
+@pytest.mark.parametrize("verb", ["", *VERBS])
+def test_help_shows_no_python_types_and_real_paths(capsys, verb):
+    code, out, _ = run(capsys, *([verb] if verb else []), "--help")
+    assert code == 0, out
+    assert not re.search(r"<(bool|int|float|str|path|list)\b", out), out
+    assert "list[str]" not in out
+    assert not re.search(r"(?<!mlfd-)\bruns/", out), out  # the default is mlfd-runs/<preset>
+    if verb in ("teach", "cache", "fuse", "distill", "eval"):
+        assert "mlfd-runs/demo" in out
