@@ -7,6 +7,7 @@ in for a new workspace and command-line options override single values.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,10 +172,12 @@ class Experiment:
             raise MlfdError(f"experiment file: {e}") from None
 
     def save(self, path: Path) -> None:
-        path.write_text(
+        tmp = path.with_name(path.name + ".tmp")  # a kill never leaves half a file
+        tmp.write_text(
             "# mlfd experiment: edit freely; stages read it on every run.\n"
             + yaml.safe_dump(self.to_dict(), sort_keys=False)
         )
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Experiment:

@@ -63,6 +63,15 @@ class Workspace:
             self.exp.save(self.root / EXPERIMENT_FILE)
             self.is_new = False
 
+    def record_imports(self, names: list[str]) -> None:
+        """Write the imported teachers of ``names`` into experiment.yaml, and nothing else
+        (this run's --epochs/--lr/... overrides stay out of the file)."""
+        path = self.root / EXPERIMENT_FILE
+        on_disk = Experiment.load(path)
+        for n in names:
+            on_disk.entry(n).teacher = self.exp.entry(n).teacher
+        on_disk.save(path)
+
     @contextlib.contextmanager
     def locked(self):
         """Hold the workdir's lock: a second mlfd run on it is refused with the holder's pid.

@@ -247,6 +247,32 @@ def _emit(as_json: bool, doc: dict, rows: list[dict] | None = None) -> None:
         sys.stdout.write(json.dumps(doc, default=str) + "\n")
 
 
+def _set_imports(ws, imports: list[str]) -> list[str]:
+    """Apply --import DATASET=CHECKPOINT to the experiment (in memory) after checking the
+    file loads into the dataset's architecture; returns the datasets it names."""
+    from mlfd.models import build_level_backbone
+    from mlfd.stages.common import dataset_of
+    from mlfd.stages.teach import read_state_dict
+
+    names = []
+    for item in imports:
+        if "=" not in item:
+            raise MlfdError(f"--import {item!r}: expected DATASET=CHECKPOINT")
+        name, path = (s.strip() for s in item.split("=", 1))
+        entry = ws.exp.entry(name)
+        path = str(Path(path).expanduser().resolve())
+        model = build_level_backbone(entry, dataset_of(ws, entry.name).num_classes)
+        try:
+            model.model.load_state_dict(read_state_dict(path), strict=True)
+        except RuntimeError as e:
+            raise MlfdError(f"--import {item}: the checkpoint does not fit {entry.arch} with "
+                            f"{dataset_of(ws, entry.name).num_classes} classes: "
+                            f"{str(e).splitlines()[0]}") from None
+        entry.teacher = path
+        names.append(entry.name)
+    return names
+
+
 def _dry_run(ws, opts, levels, as_json: bool, planner, *args) -> None:
     """Check the run as a real one would, then print its plan: no lock, nothing written."""
     from mlfd.engine.staging import set_read_only
@@ -289,14 +315,21 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
           auto_augment: Annotated[str | None, typer.Option(
               "--auto-augment", metavar="POLICY", help="imagenet | none: AutoAugment policy for "
                                                        "teacher training (default: the "
-                                                       "experiment's).")] = None):
+                                                       "experiment's).")] = None,
+          imports: Annotated[list[str] | None, typer.Option(
+              "--import", metavar="DATASET=CHECKPOINT",
+              help="Use a trained teacher instead of training one: a state-dict file "
+                   "(.safetensors, .pt/.pth/.bin) of the dataset's architecture and classes; "
+                   "it is evaluated and recorded in experiment.yaml (repeatable).")] = None):
     """Train the dataset-specific teachers (all, or those given with --dataset).
 
     Up-to-date teachers are kept (--force retrains); an interrupted run resumes.
+    With --import the teacher is loaded from a checkpoint instead (paper 3).
 
     Examples:\n
       mlfd teach --preset demo --dataset mnist-mini --epochs 2\n
-      mlfd teach --workdir mlfd-runs/demo --baseline joint-head --arch test_convnext
+      mlfd teach --workdir mlfd-runs/demo --baseline joint-head --arch test_convnext\n
+      mlfd teach --workdir mlfd-runs/demo --import mnist-mini=./mnist-teacher.pth
     """
     from mlfd.data.pipeline import check_auto_augment
     from mlfd.engine.progress import log
@@ -315,14 +348,25 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
     if arch is not None:
         _default_size(arch)
     names = _names(ws, dataset)
+    changed = _set_imports(ws, imports or [])
+    if changed:
+        names = [n for n in names if n in changed] if dataset else changed
     if dry_run and baseline:
         return _dry_run(ws, opts, None, json_out, plan_baseline, baseline, arch, input_size,
-                        restart)
+                        force, restart)
     if dry_run:
         return _dry_run(ws, opts, None, json_out, plan_teach, names, force, restart)
     with _session(ws, opts):
+        if changed:
+            ws.record_imports(changed)  # the experiment now names these checkpoints
         if baseline:
-            res = train_baseline(ws, opts, baseline, arch, input_size)
+            plan = plan_baseline(ws, baseline, arch, input_size, force, restart)
+            res = {}
+            for s in plan.reused:
+                log(f"[teach] {s.target}: up to date (--force retrains)")
+            for s in plan.steps:
+                log(f"[teach] {s.target}: {s.reason}")
+                res = train_baseline(ws, opts, baseline, arch, input_size)
             _emit(json_out, {"workdir": str(ws.root), "baseline": baseline, "metrics": res})
             return
         plan, results = plan_teach(ws, names, force, restart), {}

@@ -427,3 +427,44 @@ def test_cached_views_replay_the_teachers_auto_augment(ws, capsys):
             assert rows.all()
         else:  # without the policy, the augmented views no longer match
             assert not rows[order[:, 1] > 0].all()
+
+
+def test_teach_import_option_records_only_the_checkpoint(ws, tmp_path, capsys):
+    import json
+
+    import yaml
+    from helpers import LOCAL, bad, run
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "alpha.safetensors"
+    save_file(load_file(str(ws / "teachers/alpha/last.safetensors")), str(ckpt))
+    before = yaml.safe_load((ws / "experiment.yaml").read_text())
+    code, out, err = run(capsys, "teach", "--workdir", ws, "--import", f"alpha={ckpt}",
+                         "--epochs", 5, "--json", *LOCAL)
+    assert code == 0, err
+    assert list(json.loads(out)["trained"]) == ["alpha"]  # only the imported teacher
+    after = yaml.safe_load((ws / "experiment.yaml").read_text())
+    assert after["datasets"][0]["teacher"] == str(ckpt)
+    after["datasets"][0]["teacher"] = None
+    assert after == before  # --epochs 5 was this run's, not the experiment's
+    assert "does not fit test_vit" in bad(capsys, "teach", "--workdir", ws, "--import",
+                                          f"beta={ckpt}", *LOCAL)
+    assert "gamma" in bad(capsys, "teach", "--workdir", ws, "--import", f"gamma={ckpt}", *LOCAL)
+
+
+def test_an_up_to_date_baseline_is_kept(ws, capsys):
+    import json
+
+    from helpers import LOCAL, run
+
+    args = ["teach", "--workdir", ws, "--baseline", "joint-head", "--arch", "test_resnet",
+            "--json", *LOCAL]
+    code, out, err = run(capsys, *args)
+    assert code == 0 and json.loads(out)["metrics"], err
+    sha = json.loads((ws / "baselines/joint-head-test_resnet/last.json").read_text())["sha256"]
+    code, out, err = run(capsys, *args)
+    assert code == 0 and "up to date" in err and json.loads(out)["metrics"] == {}
+    code, out, err = run(capsys, *args, "--force")
+    assert code == 0 and json.loads(out)["metrics"]
+    assert json.loads((ws / "baselines/joint-head-test_resnet/last.json").read_text())[
+        "sha256"] == sha  # retrained from the same seed: the same weights

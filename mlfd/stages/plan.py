@@ -73,12 +73,12 @@ def plan_teach(ws: Workspace, names: list[str], force: bool = False,
 
 
 def plan_baseline(ws: Workspace, kind: str, arch: str | None, size: int | None,
-                  restart: bool = False) -> Plan:
-    """`mlfd teach --baseline` trains on every run; the reason says what is there now."""
+                  force: bool = False, restart: bool = False) -> Plan:
+    """`mlfd teach --baseline`: trained unless an up-to-date one exists (or --force)."""
     arch, size = arch or ws.exp.datasets[0].arch, size or ws.exp.datasets[0].input_size
     art, fp = Artifact(baseline_dir(ws, kind, arch)), baseline_fingerprint(ws, kind, arch, size)
     plan = Plan()
-    _trained(plan, "teach", f"{kind} baseline {arch}", art, fp, True, restart)
+    _trained(plan, "teach", f"{kind} baseline {arch}", art, fp, force, restart)
     return plan
 
 
