@@ -468,3 +468,18 @@ def test_an_up_to_date_baseline_is_kept(ws, capsys):
     assert code == 0 and json.loads(out)["metrics"]
     assert json.loads((ws / "baselines/joint-head-test_resnet/last.json").read_text())[
         "sha256"] == sha  # retrained from the same seed: the same weights
+
+
+def test_trio_preset_reads_the_full_offline_sets(shared_data):
+    """`trio`: the full MNIST / Fashion-MNIST / Animal-MNIST files, three families."""
+    from mlfd.presets import get_preset
+    from mlfd.stages.common import dataset_of
+    from mlfd.workspace import Workspace
+
+    exp = get_preset("trio")
+    exp.validate()
+    ws = Workspace(shared_data, exp, str(shared_data))
+    sizes = {n: len(dataset_of(ws, n).load("train")) for n in exp.names()}
+    assert sizes["mnist"] == 50000 and sizes["fashion-mnist"] == 60000
+    assert sizes["animal-mnist"] > 5000
+    assert len({e.arch.split("_")[1] for e in exp.datasets}) == 3  # resnet, convnext, vit
