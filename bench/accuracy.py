@@ -8,7 +8,8 @@ bench/results/accuracy-<preset>-<date>.json (per-seed rows, the aggregate, machi
 versions) and the two tables: the paper's Table 2 layout and the Table 4 ablation.
 
 Hyperparameters are the preset's; nothing here looks at the test split to choose them.
-A seed's workdir is reused when it exists: finished stages are up to date and skipped.
+A seed's workdir is reused when it exists: finished stages are up to date and skipped,
+so running it again after an interruption continues where it stopped.
 
     python bench/accuracy.py --preset demo --seeds 0 1 2 --levels 1 2
     python bench/accuracy.py --preset trio --data-root ../shared/data --seeds 0 1 2
@@ -46,32 +47,40 @@ def mlfd(*args, log) -> dict:
     return json.loads(proc.stdout)
 
 
-def run_seed(preset: str, seed: int, levels: list[int], work: Path, common: list) -> dict:
-    """Every model of one seed; returns {"rows": eval rows, "seconds": {step: s}}."""
-    from mlfd.config import Experiment
-    from mlfd.presets import get_preset
-
-    w = work / f"{preset}-seed{seed}"
-    log = work / f"{preset}-seed{seed}.log"
+def run_models(preset: str, seed: int, levels: list[int], work: Path, common: list) -> dict:
+    """Teachers, joint teachers and students of one seed, at every level."""
+    w, log = work / f"{preset}-seed{seed}", work / f"{preset}-seed{seed}.log"
     seconds = {}
     for k in levels:
         t0 = time.perf_counter()
         mlfd("distill", "--preset", preset, "--workdir", w, "--seed", seed, "--dataset", "all",
              "--levels", k, *common, log=log)
         seconds[f"distill-L{k}"] = time.perf_counter() - t0
-    exp = Experiment.load(w / "experiment.yaml") if (w / "experiment.yaml").exists() \
-        else get_preset(preset)
+    return seconds
+
+
+def run_baselines(preset: str, seed: int, work: Path, common: list) -> dict:
+    """The multi-head and joint-head baselines of every architecture a student has."""
+    from mlfd.config import Experiment
+
+    w, log = work / f"{preset}-seed{seed}", work / f"{preset}-seed{seed}.log"
+    exp = Experiment.load(w / "experiment.yaml")
     archs = {}
     for e in exp.datasets:  # first dataset of each architecture gives its input size
         archs.setdefault(e.arch, e.input_size)
+    seconds = {}
     for arch, size in archs.items():
         for kind in KINDS:
             t0 = time.perf_counter()
             mlfd("teach", "--workdir", w, "--baseline", kind, "--arch", arch, "--input-size", size,
                  *common, log=log)
             seconds[f"{kind}-{arch}"] = time.perf_counter() - t0
-    rows = mlfd("eval", "--workdir", w, *common, log=log)["rows"]
-    return {"seed": seed, "rows": rows, "seconds": seconds}
+    return seconds
+
+
+def evaluate(preset: str, seed: int, work: Path, common: list) -> list[dict]:
+    w, log = work / f"{preset}-seed{seed}", work / f"{preset}-seed{seed}.log"
+    return mlfd("eval", "--workdir", w, *common, log=log)["rows"]
 
 
 def key(r: dict) -> tuple:
@@ -158,35 +167,48 @@ def main() -> None:
     common = ["--device", args.device] + (["--data-root", args.data_root] if args.data_root
                                           else [])
     args.work.mkdir(parents=True, exist_ok=True)
+    today = dt.date.today().isoformat()
+    out = args.out or ROOT / "bench" / "results" / f"accuracy-{args.preset}-{today}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    seeds = []
-    for seed in args.seeds:
-        seeds.append(run_seed(args.preset, seed, args.levels, args.work, common))
-        print(f"seed {seed}: {sum(seeds[-1]['seconds'].values()):.0f} s", flush=True)
-    agg = aggregate(seeds)
+    seconds: dict[int, dict] = {s: {} for s in args.seeds}
+    rows: dict[int, list] = {}
+    # Students of every seed first, then the baselines: a sweep cut short still has the
+    # spread of the method's own numbers. Results are rewritten after every phase.
+    phases = [(s, "models") for s in args.seeds] + [(s, "baselines") for s in args.seeds]
+    for seed, phase in phases:
+        if phase == "models":
+            seconds[seed].update(run_models(args.preset, seed, args.levels, args.work, common))
+        else:
+            seconds[seed].update(run_baselines(args.preset, seed, args.work, common))
+        rows[seed] = evaluate(args.preset, seed, args.work, common)
+        seeds = [{"seed": s, "rows": rows[s], "seconds": seconds[s]} for s in args.seeds
+                 if s in rows]
+        write(out, args, seeds, time.perf_counter() - t0, today)
+        print(f"seed {seed} {phase}: done", flush=True)
+    print(out.with_suffix(".md").read_text())
+    print(f"-> {out}")
+
+
+def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
     import torch
     import zarr
 
     import mlfd
     from mlfd.info import cpu_model
 
-    today = dt.date.today().isoformat()
-    out = args.out or ROOT / "bench" / "results" / f"accuracy-{args.preset}-{today}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(seeds)
     table = markdown(agg, seeds, args.levels)
-    doc = {"preset": args.preset, "date": today, "seeds": args.seeds, "levels": args.levels,
+    doc = {"preset": args.preset, "date": today, "seeds": [s["seed"] for s in seeds],
+           "levels": args.levels,
            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                        else None, "platform": platform.platform()},
            "versions": {"mlfd": mlfd.__version__, "torch": torch.__version__,
                         "zarr": zarr.__version__, "python": platform.python_version()},
-           "wall_seconds": time.perf_counter() - t0, "aggregate": agg, "markdown": table,
-           "per_seed": seeds}
+           "wall_seconds": wall, "aggregate": agg, "markdown": table, "per_seed": seeds}
     out.write_text(json.dumps(doc, indent=2))
     out.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"-> {out}")
-
 
 if __name__ == "__main__":
     main()
