@@ -4,16 +4,12 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY, bad, make_npz, run
+from helpers import LOCAL, TINY, bad, make_npz, run
 
-from mlfd_cli.main import main
-
-LOCAL = ["--device", "cpu", "--pipeline", "torch"]
 VERBS = ["teach", "cache", "fuse", "distill", "eval", "info"]
 
 
@@ -37,32 +33,6 @@ def _tree(root: Path) -> dict:
             snap[str(p.relative_to(root))] = (p.stat().st_mtime_ns,
                                               p.read_bytes() if p.is_file() else None)
     return snap
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A complete L2 experiment whose experiment.yaml says what TINY's overrides said."""
-    root = tmp_path_factory.mktemp("finished")
-    w = root / "ws"
-    old = sys.argv
-    sys.argv = ["mlfd", *map(str, ["distill", "--workdir", w, *_teachers(root), "--dataset",
-                                   "alpha", "--levels", 2, *TINY])]
-    try:
-        main()
-    except SystemExit as e:
-        assert not e.code
-    finally:
-        sys.argv = old
-    for section in ("teach", "fuse", "distill"):
-        _edit(w, section, epochs=1, batch_size=16)
-    return w
-
-
-@pytest.fixture
-def ws(finished, tmp_path):
-    w = tmp_path / "ws"
-    shutil.copytree(finished, w)
-    return w
 
 
 def _dry(capsys, *args) -> tuple[dict, str]:
