@@ -23,10 +23,19 @@ from .errors import FilesystemError, MlfdError, WorkdirBusy
 
 EXPERIMENT_FILE = "experiment.yaml"
 LOCK_FILE = ".mlfd.lock"
+RUNS_DIR = Path("mlfd-runs")  # where commands without --workdir put and look for experiments
 
 
 def default_workdir() -> Path:
     return Path(os.environ.get("MLFD_WORKDIR", "mlfd-runs/default"))
+
+
+def find_experiments(root: Path = RUNS_DIR) -> list[Path]:
+    """The workdirs directly under ``root`` that hold an experiment file, sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / EXPERIMENT_FILE).is_file())
 
 
 @dataclass

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,12 @@ class _Group(_HelpFlag, TyperGroup):
 
 
 class _Command(_HelpFlag, TyperCommand):
-    pass
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:  # an argument's metavar (OUT) says it all: no '<path>' beside it
+            if p.param_type_name == "argument" and p.metavar:
+                p.display_type_rich = lambda ctx: None
+        return params
 
 
 app = typer.Typer(
@@ -61,7 +67,8 @@ def _app(version: Annotated[bool, typer.Option(
 
 Workdir = Annotated[Path | None, typer.Option(
     "--workdir", "-w", metavar="DIR",
-    help="Experiment directory (default: ./mlfd-runs/<preset>).")]
+    help="Experiment directory (default: ./ if it holds experiment.yaml, else "
+         "./mlfd-runs/<preset>, or the only experiment under ./mlfd-runs/).")]
 Datasets = Annotated[list[str] | None, typer.Option(
     "--dataset", "-d", metavar="NAME", help="Dataset name, path, or 'all' (repeatable).")]
 Levels = Annotated[int | None, typer.Option(
@@ -81,7 +88,8 @@ Preset = Annotated[str | None, typer.Option(
     help="demo | paper-t1 | paper-t2, for a workspace without an experiment yet.")]
 Teacher = Annotated[list[str] | None, typer.Option(
     "--teacher", metavar="DATASET=ARCH",
-    help="A teacher per dataset (repeatable): define a custom experiment.")]
+    help="A teacher per dataset (repeatable): define a custom experiment. ARCH:noflip "
+         "keeps that dataset's views unmirrored (digits, text).")]
 InputSize = Annotated[int | None, typer.Option(
     "--input-size", metavar="PIXELS",
     help="Input resolution for --teacher experiments (default: the arch's).")]
@@ -99,6 +107,10 @@ Force = Annotated[bool, typer.Option(
     "--force", metavar="", help="Redo this stage even if it is up to date.")]
 Restart = Annotated[bool, typer.Option(
     "--restart", metavar="", help="Train from scratch instead of resuming an interrupted run.")]
+LogTo = Annotated[str | None, typer.Option(
+    "--log", metavar="BACKEND",
+    help="tensorboard: also write TensorBoard event files into each training run's "
+         "directory (needs `pip install tensorboard`).")]
 DryRun = Annotated[bool, typer.Option(
     "--dry-run", "-n", metavar="",
     help="Print what would run and why (and what is reused), then exit; writes nothing.")]
@@ -111,24 +123,27 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
     Nothing is written here: the caller validates the whole run first, then ``_session``
     creates the workspace and takes its lock."""
     from mlfd.config import DatasetEntry, Experiment, resolve_source, short_name
-    from mlfd.engine.progress import log
     from mlfd.presets import get_preset, preset_for_dataset
     from mlfd.workspace import EXPERIMENT_FILE, Workspace
 
     if preset and teachers:
         raise MlfdError("give either --preset or --teacher, not both")
-    new = None
+    new, flips = None, {}
     if preset:
         new = get_preset(preset)
     elif teachers:
         entries = []
         for t in teachers:
             if "=" not in t:
-                raise MlfdError(f"--teacher {t!r}: expected DATASET=ARCH")
+                raise MlfdError(f"--teacher {t!r}: expected DATASET=ARCH[:noflip]")
             src, arch = (s.strip() for s in t.rsplit("=", 1))
+            arch, hflip = _flip_suffix(arch)
             src = resolve_source(src, Path.cwd())  # stored absolute: works from anywhere
             entries.append(DatasetEntry(short_name(src), src, arch,
-                                        input_size or _default_size(arch)))
+                                        input_size or _default_size(arch),
+                                        hflip=True if hflip is None else hflip))
+            if hflip is not None:
+                flips[src] = hflip
         new = Experiment(preset="custom", datasets=entries)
     else:
         for d in datasets or []:
@@ -136,11 +151,9 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
                 new = get_preset(p)
                 break
     if workdir is None:
-        if (Path.cwd() / EXPERIMENT_FILE).exists():
-            workdir = Path.cwd()
-        else:
-            workdir = Path("mlfd-runs") / (new.preset if new else "default")
-        log(f"[mlfd] workspace: {workdir.resolve()}")
+        workdir = _find_workdir(new)
+    if new is None and not (Path(workdir) / EXPERIMENT_FILE).exists():
+        _check_known(datasets or [], workdir)
     if new is not None and seed is not None:
         new.seed = seed
     if new is not None and levels is not None:
@@ -149,7 +162,8 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
     if exists and (preset or teachers):
         current = Experiment.load(Path(workdir) / EXPERIMENT_FILE)
         if [(d.source, d.arch) for d in current.datasets] != [(d.source, d.arch) for d in
-                                                              new.datasets]:
+                                                              new.datasets] or \
+                any(d.hflip != flips[d.source] for d in current.datasets if d.source in flips):
             raise MlfdError(f"{workdir} already holds another experiment; edit "
                             f"{workdir}/{EXPERIMENT_FILE} or choose another --workdir")
     ws = Workspace.open(Path(workdir), new, data_root)
@@ -167,6 +181,55 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
     return ws
 
 
+FLIP_SUFFIXES = {":noflip": False, ":flip": True}
+
+
+def _flip_suffix(arch: str) -> tuple[str, bool | None]:
+    """``ARCH:noflip`` / ``ARCH:flip`` -> (ARCH, hflip); a bare ARCH -> (ARCH, None)."""
+    for suffix, hflip in FLIP_SUFFIXES.items():
+        if arch.endswith(suffix):
+            return arch[: -len(suffix)].strip(), hflip
+    return arch, None
+
+
+def _find_workdir(new) -> Path:
+    """The workdir of a command without --workdir: ./ if it holds an experiment; else
+    mlfd-runs/<preset> when a preset or --teacher defines the experiment; else the only
+    experiment under mlfd-runs/ (several: an error naming them); else mlfd-runs/default."""
+    from mlfd.engine.progress import log
+    from mlfd.workspace import EXPERIMENT_FILE, RUNS_DIR, find_experiments
+
+    note = ""
+    if (Path.cwd() / EXPERIMENT_FILE).exists():
+        workdir = Path.cwd()
+    elif new is not None:
+        workdir = RUNS_DIR / new.preset
+    else:
+        found = find_experiments(RUNS_DIR)
+        if len(found) > 1:
+            raise MlfdError(f"{len(found)} experiments under {RUNS_DIR}/ ("
+                            + ", ".join(str(p) for p in found)
+                            + "): choose one with --workdir")
+        workdir = found[0] if found else RUNS_DIR / "default"
+        note = f" (the only experiment under {RUNS_DIR}/)" if found else ""
+    log(f"[mlfd] workspace: {workdir.resolve()}{note}")
+    return workdir
+
+
+def _check_known(datasets: list[str], workdir: Path) -> None:
+    """Without an experiment, a --dataset must be a preset's, a registered one or a path."""
+    from mlfd.data.registry import list_datasets
+    from mlfd.presets import PRESETS
+
+    for d in datasets:
+        if d == "all" or d in list_datasets() or Path(d).expanduser().exists():
+            continue
+        known = ", ".join(dict.fromkeys(n for make in PRESETS.values() for n in make().names()))
+        raise MlfdError(f"unknown dataset {d!r}: no preset has it ({known}) and {workdir} "
+                        "holds no experiment to look it up in; start one with --teacher "
+                        "DATASET=ARCH (twice or more) or pass --workdir")
+
+
 def _default_size(arch: str) -> int:
     from mlfd.models.backbone import timm
 
@@ -179,10 +242,24 @@ def _default_size(arch: str) -> int:
 PIPELINES = ("auto", "dali", "torch")
 
 
-def _opts(device, pipeline="auto", loss_backend=None, force=False, restart=False):
+LOGS = ("tensorboard",)
+
+
+def _opts(device, pipeline="auto", loss_backend=None, force=False, restart=False, log=None):
     """Per-run options, validated before anything is read or written."""
     from mlfd.device import select_device
+    from mlfd.engine.metrics import set_tensorboard
     from mlfd.stages import RunOptions
+
+    if log is not None and log not in LOGS:
+        raise MlfdError(f"unknown --log {log!r}: choose {', '.join(LOGS)}")
+    if log == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise MlfdError("--log tensorboard needs the tensorboard package: "
+                            "pip install tensorboard") from None
+    set_tensorboard(log == "tensorboard")
 
     dev = select_device(device)
     if pipeline not in PIPELINES:
@@ -192,7 +269,7 @@ def _opts(device, pipeline="auto", loss_backend=None, force=False, restart=False
 
         resolve_backend(loss_backend, dev)
     return RunOptions(device=dev, pipeline=pipeline, loss_backend=loss_backend, force=force,
-                      restart=restart)
+                      restart=restart, log=log)
 
 
 def _check(ws, opts, levels=None) -> None:
@@ -304,7 +381,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
           preset: Preset = None, teacher: Teacher = None, input_size: InputSize = None,
           epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
           pipeline: Pipeline = "auto", force: Force = False, restart: Restart = False,
-          dry_run: DryRun = False,
+          dry_run: DryRun = False, log_to: LogTo = None,
           baseline: Annotated[str | None, typer.Option(
               "--baseline", metavar="KIND", help="multi-head | joint-head: train a "
                                                  "multi-dataset baseline instead of the teachers.")]
@@ -337,7 +414,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
     from mlfd.stages.baselines import KINDS, train_baseline
     from mlfd.stages.plan import plan_baseline, plan_teach
 
-    opts = _opts(device, pipeline, force=force, restart=restart)
+    opts = _opts(device, pipeline, force=force, restart=restart, log=log_to)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
                lr, None)
     if auto_augment is not None:
@@ -411,7 +488,7 @@ def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto"
          seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
          preset: Preset = None, epochs: Epochs = None, batch_size: BatchSize = None,
          lr: Lr = None, force: Force = False, restart: Restart = False,
-         dry_run: DryRun = False):
+         dry_run: DryRun = False, log_to: LogTo = None):
     """Train the joint teacher on the cached teacher embeddings of all datasets.
 
     An up-to-date joint teacher is kept (--force retrains); an interrupted run resumes.
@@ -423,7 +500,7 @@ def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto"
     from mlfd.stages.fuse import joint_status
     from mlfd.stages.plan import plan_fuse
 
-    opts = _opts(device, force=force, restart=restart)
+    opts = _opts(device, force=force, restart=restart, log=log_to)
     ws = _open(workdir, None, preset, None, None, seed, data_root, epochs, batch_size, lr, levels)
     k = _levels(ws, levels)
     if dry_run:
@@ -445,7 +522,8 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
             json_out: Json = False, preset: Preset = None, teacher: Teacher = None,
             input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
             lr: Lr = None, pipeline: Pipeline = "auto", loss_backend: LossBackend = None,
-            force: Force = False, restart: Restart = False, dry_run: DryRun = False):
+            force: Force = False, restart: Restart = False, dry_run: DryRun = False,
+            log_to: LogTo = None):
     """Distil students; first runs (and announces) any missing or stale teach/cache/fuse step.
 
     Up-to-date results are reused; the plan says why each step runs. Interrupted
@@ -458,7 +536,7 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
     """
     from mlfd.stages import plan_distill, run_distill
 
-    opts = _opts(device, pipeline, loss_backend, force, restart)
+    opts = _opts(device, pipeline, loss_backend, force, restart, log_to)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
                lr, levels)
     k = _levels(ws, levels)
@@ -491,6 +569,237 @@ def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot 
 
 
 @command()
+def export(out: Annotated[Path, typer.Argument(
+               metavar="OUT", help="Folder to write model.safetensors and config.json into.",
+               show_default=False)],
+           workdir: Workdir = None, dataset: Datasets = None, levels: Annotated[
+               int | None, typer.Option("--levels", "-k", metavar="K",
+                                        help="The student distilled at L1..LK (default: the "
+                                             "highest complete one).")] = None,
+           data_root: DataRoot = None, json_out: Json = False,
+           force: Annotated[bool, typer.Option(
+               "--force", metavar="", help="Export a stale or incomplete student too.")] = False):
+    """Export a student as timm weights with a timm/Hugging Face config.json.
+
+    OUT/model.safetensors is the student's timm state dict; OUT/config.json
+    gives its architecture, class names, model_args and preprocessing, so
+    plain timm loads it: timm.create_model("local-dir:OUT", pretrained=True).
+    Only complete students are exported unless --force.
+
+    Example: mlfd export --workdir mlfd-runs/demo --dataset mnist-mini out/mnist
+    """
+    from mlfd.engine.progress import log
+    from mlfd.engine.staging import set_read_only
+    from mlfd.export import export_student
+
+    if not dataset or len(dataset) != 1 or dataset[0] == "all":
+        raise MlfdError("export takes exactly one --dataset NAME")
+    ws = _open(workdir, dataset, None, None, None, None, data_root, None, None, None, None)
+    set_read_only()  # no lock is taken: the workdir is only read
+    doc = export_student(ws, dataset[0], out, levels, force)
+    line = (f"exported {doc['dataset']} L{doc['levels']} student ({doc['status']}) "
+            f"to {out}: model.safetensors, config.json")
+    if json_out:
+        log(line)
+        sys.stdout.write(json.dumps(dict(doc, workdir=str(ws.root))) + "\n")
+    else:
+        print(line)
+
+
+STATE_WORDS = {"ok": "complete"}
+
+
+def _stage_rows(ws) -> list[dict]:
+    """Status of every stage's results, read-only: teachers, joint L*, students, baselines."""
+    from mlfd.engine.artifact import Artifact
+    from mlfd.engine.checkpoint import load_meta_safe
+    from mlfd.stages.baselines import baseline_fingerprint
+    from mlfd.stages.distill import student_fingerprint
+    from mlfd.stages.evaluate import trained_levels
+    from mlfd.stages.fuse import joint_fingerprint
+    from mlfd.stages.teach import teacher_fingerprint
+
+    def row(stage, target, art, fingerprint):
+        try:
+            st = art.status(fingerprint())
+            note = ""
+        except MlfdError as e:  # e.g. data not at hand: staleness cannot be checked
+            st = art.status(None)
+            note = f" (not checked for staleness: {e})"
+        state = STATE_WORDS.get(st.state, st.state)
+        reason = st.reason
+        partial = art.partial()
+        if st.state == "missing" and partial is not None:
+            state = "incomplete"
+            reason = (f"run in progress or interrupted at epoch {partial.get('epoch')}/"
+                      f"{partial.get('epochs')}")
+        return {"stage": stage, "target": target, "status": state, "reason": reason + note}
+
+    rows = []
+    for e in ws.exp.datasets:
+        rows.append(row("teach", e.name, Artifact(ws.teacher_dir(e.name)),
+                        lambda e=e: teacher_fingerprint(ws, e.name)))
+    for k in trained_levels(ws, "joint") or [ws.exp.levels]:
+        rows.append(row("fuse", f"joint L{k}", Artifact(ws.joint_dir(k)),
+                        lambda k=k: joint_fingerprint(ws, k)))
+    for e in ws.exp.datasets:
+        for k in trained_levels(ws, "student", e.name) or [ws.exp.levels]:
+            rows.append(row("distill", f"{e.name} L{k}", Artifact(ws.student_dir(e.name, k)),
+                            lambda e=e, k=k: student_fingerprint(ws, e.name, k)))
+    base = ws.root / "baselines"
+    for d in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if base.is_dir() else []:
+        art = Artifact(d)
+        meta = load_meta_safe(d / "last") or {}
+        if {"baseline", "arch", "input_size"} <= set(meta):
+            fp = lambda m=meta: baseline_fingerprint(ws, m["baseline"], m["arch"],  # noqa: E731
+                                                     m["input_size"])
+        else:
+            fp = lambda: None  # noqa: E731
+        rows.append(row("baseline", d.name, art, fp))
+    return rows
+
+
+@command("list")
+def list_(root: Annotated[Path, typer.Option(
+              "--root", metavar="DIR", help="Where to look for experiments.")] = Path("mlfd-runs"),
+          data_root: DataRoot = None, json_out: Json = False):
+    """Each experiment under --root and the status of its results (read-only).
+
+    Per stage: complete, stale (made from other inputs than the experiment
+    now asks for), incomplete (interrupted or running), corrupt or missing.
+
+    Example: mlfd list --root mlfd-runs --json
+    """
+    from mlfd.engine.staging import set_read_only
+    from mlfd.workspace import Workspace, find_experiments
+
+    set_read_only()  # no lock is taken: leave any running stage's files as they are
+    experiments, table = [], []
+    for w in find_experiments(root):
+        doc = {"workdir": str(w)}
+        try:
+            ws = Workspace.open(w, data_root=data_root)
+            doc.update(preset=ws.exp.preset, datasets=ws.exp.names(), stages=_stage_rows(ws))
+        except MlfdError as e:
+            doc.update(error=str(e), stages=[])
+            table.append({"experiment": w.name, "stage": "-", "target": "-", "status": "error",
+                          "reason": str(e)})
+        table += [dict(experiment=w.name, **r) for r in doc["stages"]]
+        experiments.append(doc)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=json_out)
+    if not console.is_terminal:
+        console.width = max(console.width, 110)
+    if not experiments:
+        console.print(f"no experiments under {root}/")
+    else:
+        t = Table(title=f"mlfd experiments under {root}/")
+        for col in ("experiment", "stage", "target", "status", "reason"):
+            t.add_column(col)
+        for r in table:
+            t.add_row(*(str(r[c]) for c in ("experiment", "stage", "target", "status", "reason")))
+        console.print(t)
+    if json_out:
+        sys.stdout.write(json.dumps({"root": str(root), "experiments": experiments}) + "\n")
+
+
+REBUILT = ("teachers", "joint", "students", "baselines", "reports", "cache")
+
+
+def _clean_targets(root: Path, everything: bool) -> list[Path]:
+    """What `clean` removes: caches and staged runs; with ``everything`` all results too."""
+    if everything:
+        found = [root / d for d in REBUILT if (root / d).exists()]
+    else:
+        found = sorted(p for p in (root / "cache").glob("*.zarr") if p.is_dir())
+    for d, dirs, _ in os.walk(root):  # staged (interrupted) runs and cache groups
+        for name in list(dirs):
+            p = Path(d) / name
+            if any(p.is_relative_to(f) for f in found):
+                dirs.remove(name)
+            elif name.startswith(".") and name.endswith(".partial"):
+                found.append(p)
+                dirs.remove(name)
+    return found
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    return sum((Path(d) / f).lstat().st_size for d, _, files in os.walk(path) for f in files)
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+@command()
+def clean(workdir: Workdir = None,
+          caches: Annotated[bool, typer.Option(
+              "--caches", metavar="", help="Remove cache/*.zarr and staged runs (.*.partial): "
+                                           "trained results stay.")] = False,
+          everything: Annotated[bool, typer.Option(
+              "--all", metavar="", help="Also remove every trained result and report; "
+                                        "experiment.yaml stays.")] = False,
+          dry_run: Annotated[bool, typer.Option(
+              "--dry-run", "-n", metavar="", help="Print what would be removed; remove nothing.")]
+          = False,
+          json_out: Json = False):
+    """Remove what can be rebuilt, and say how many bytes that freed.
+
+    --caches: embedding caches and interrupted (staged) runs. --all: also
+    teachers, joint teachers, students, baselines and reports; only
+    experiment.yaml stays. Takes the workdir's lock.
+
+    Example: mlfd clean --workdir mlfd-runs/demo --caches
+    """
+    from mlfd.engine.staging import set_read_only
+    from mlfd.workspace import EXPERIMENT_FILE, Workspace
+
+    if not (caches or everything):
+        raise MlfdError("clean needs --caches (caches and staged runs) or --all (everything "
+                        "but experiment.yaml)")
+    root = Path(workdir) if workdir is not None else _find_workdir(None)
+    if not (root / EXPERIMENT_FILE).is_file():  # only an experiment's workdir is cleaned
+        raise MlfdError(f"{root} holds no {EXPERIMENT_FILE}: not an mlfd workdir, nothing "
+                        "removed")
+    ws = Workspace.open(root)
+
+    def report(sizes: list[tuple[Path, int]]) -> None:
+        total = sum(n for _, n in sizes)
+        write = partial(print, file=sys.stderr if json_out else sys.stdout)
+        verb = "would remove" if dry_run else "removed"
+        for p, n in sizes:
+            write(f"{verb} {p.relative_to(ws.root)} ({_human(n)})")
+        write(f"{verb} {len(sizes)} path(s), {total} bytes ({_human(total)}) from {ws.root}"
+              + ("; dry run: nothing was removed" if dry_run else ""))
+        if json_out:
+            sys.stdout.write(json.dumps({
+                "workdir": str(ws.root), "dry_run": dry_run, "bytes": total,
+                "removed": [{"path": str(p), "bytes": n} for p, n in sizes]}) + "\n")
+
+    if dry_run:
+        set_read_only()  # no lock is taken: nothing is touched
+        return report([(p, _size(p)) for p in _clean_targets(ws.root, everything)])
+    with ws.locked():
+        sizes = []
+        for p in _clean_targets(ws.root, everything):
+            sizes.append((p, _size(p)))
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    report(sizes)
+
+
+@command()
 def info(json_out: Json = False):
     """Versions and which fast paths (CUDA, Triton kernel, DALI GPU) are active."""
     from mlfd.info import collect
@@ -511,10 +820,12 @@ def info(json_out: Json = False):
 def main() -> None:
     """Exit codes: 0 ok, 1 internal error (a bug), 2 bad input or state, 3 filesystem,
     4 workdir in use by another run, 130 interrupted."""
+    from mlfd.engine.metrics import set_tensorboard
     from mlfd.engine.staging import set_read_only
 
     usage_errors, no_args, aborts = _click_exceptions()
     set_read_only(False)  # per command (tests run many in one process)
+    set_tensorboard(False)
     try:
         code = app(standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C into Exit(130)

@@ -182,6 +182,23 @@ def _kill_after_epoch(proc: subprocess.Popen, staged: Path, epoch: int = 1,
     proc.wait()
 
 
+def test_sigkill_during_teach_resumes_to_the_uninterrupted_result(ws, tmp_path, capsys):
+    """A real SIGKILL (no handler runs) between or inside epochs: the next run resumes from
+    the last checkpointed epoch and ends with the weights of an uninterrupted run."""
+    _edit(ws, "teach", "epochs", 12)
+    ref = tmp_path / "ref"
+    shutil.copytree(ws, ref)
+    assert run(capsys, "teach", "--dataset", "alpha", "--workdir", ref, *LOCAL)[0] == 0
+    proc = _spawn("teach", "--dataset", "alpha", "--workdir", ws, *LOCAL)
+    _kill_after_epoch(proc, ws / "teachers/.alpha.partial", epoch=2)
+    kept = json.loads((ws / "teachers/alpha/last.json").read_text())
+    assert kept["complete"] and kept["epochs"] == 1  # the finished 1-epoch teacher is kept
+    code, _, err = run(capsys, "teach", "--dataset", "alpha", "--workdir", ws, *LOCAL)
+    assert code == 0 and "resuming after epoch" in err, err
+    _same_weights(ws / "teachers/alpha/last", ref / "teachers/alpha/last")
+    assert _epochs(ws / "teachers/alpha/metrics.jsonl") == list(range(1, 13))
+
+
 def test_sigkill_keeps_finished_results_and_resumes(ws, capsys):
     """Findings 1, 2, 8: a killed re-run loses nothing finished; a concurrent run is
     refused; eval marks the half-trained run; the next run resumes it."""

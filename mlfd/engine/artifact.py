@@ -12,6 +12,7 @@ fingerprint resumes from there.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -26,7 +27,8 @@ from .fingerprint import changes, digest
 from .metrics import MetricsLog
 from .staging import StagedDir, set_interrupt_note
 
-RESUME_FILE = "resume.pt"
+RESUME_FILE = "resume.pt"  # model, optimiser, scheduler, RNG, best row, history
+RESUME_INFO = "resume.json"  # its epoch and fingerprint: cheap to read for plans
 
 @dataclass
 class Status:
@@ -64,13 +66,15 @@ class Artifact(StagedDir):
         return load_meta_safe(self.staging / "last") if self.staging.is_dir() else None
 
     def resumable_epoch(self, fingerprint: dict) -> int:
-        """Epochs a staged run with this fingerprint has finished (0: none to resume)."""
-        meta = self.partial()
-        if not meta or meta.get("fingerprint") != fingerprint:
+        """Epochs a staged run with this fingerprint has finished (0: none to resume), as
+        its resume state says: a kill may fall between that state and the checkpoints."""
+        try:
+            info = json.loads((self.staging / RESUME_INFO).read_text())
+        except (OSError, ValueError):
             return 0
-        if not (self.staging / RESUME_FILE).exists():
+        if not isinstance(info, dict) or info.get("fingerprint_digest") != digest(fingerprint):
             return 0
-        return int(meta.get("epoch") or 0)
+        return int(info.get("epoch") or 0) if (self.staging / RESUME_FILE).exists() else 0
 
 
 def _rng_state() -> dict:
@@ -116,6 +120,7 @@ class TrainRun:
         done = 0 if self.restart else art.resumable_epoch(self.fingerprint)
         if done:
             state = torch.load(art.staging / RESUME_FILE, map_location="cpu", weights_only=False)
+            done = int(state["epoch"])
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -134,20 +139,30 @@ class TrainRun:
     def end_epoch(self, epoch: int, epochs: int, row: dict, improved: bool, model, opt, sched,
                   best: dict, history: list[dict]) -> None:
         meta = dict(self.meta, epoch=epoch, epochs=epochs, metrics=row, complete=epoch == epochs)
+        # Order matters for a kill at any point: the metrics row first (dropped again on
+        # resume if the state below is older), then the resume state and its info (which
+        # decide where a resume starts), then the checkpoints (rewritten by the resume).
+        self.metrics.keep_epochs(epoch - 1)  # idempotent when an epoch is re-saved
         self.metrics.write(**row)
-        save_checkpoint(self.dir / "last", self.weights(), meta)
-        for name, fn in self.extras.items():
-            save_checkpoint(self.dir / name, fn(), dict(meta, kind=f"{meta.get('kind')}-{name}"))
-        if improved:
-            save_checkpoint(self.dir / "best", self.weights(), meta)
         tmp = self.dir / (RESUME_FILE + ".tmp")
         torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": _rng_state(), "best": best,
                     "history": history}, tmp)
         os.replace(tmp, self.dir / RESUME_FILE)
+        info = self.dir / (RESUME_INFO + ".tmp")
+        info.write_text(json.dumps({"epoch": epoch,
+                                    "fingerprint_digest": self.meta["fingerprint_digest"]}))
+        os.replace(info, self.dir / RESUME_INFO)
+        save_checkpoint(self.dir / "last", self.weights(), meta)
+        for name, fn in self.extras.items():
+            save_checkpoint(self.dir / name, fn(), dict(meta, kind=f"{meta.get('kind')}-{name}"))
+        if improved:
+            save_checkpoint(self.dir / "best", self.weights(), meta)
         set_interrupt_note(f"{self.title}: {epoch}/{epochs} epochs kept in {self.dir}; run the "
                            "same command again to resume (--restart to start over)")
 
     def finish(self) -> None:
-        self.artifact.promote(drop=(RESUME_FILE,))
+        if self.metrics is not None:
+            self.metrics.close()  # TensorBoard's event file, before its directory moves
+        self.artifact.promote(drop=(RESUME_FILE, RESUME_INFO))
         set_interrupt_note(None)

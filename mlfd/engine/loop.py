@@ -66,6 +66,9 @@ def fit(
     last = history[-1] if history else None
     if start:
         log(f"{title}: resuming after epoch {start}/{cfg.epochs} from {run.dir}")
+    if start == cfg.epochs and history:  # killed after the last epoch's state, before its
+        # checkpoints or the promotion: write them from that state, then promote
+        run.end_epoch(start, cfg.epochs, history[-1], False, model, opt, sched, best, history)
     with progress() as prog:
         ep_task = prog.add_task(f"{title} epochs", total=cfg.epochs, completed=start, items=0,
                                 info="", unit="img")

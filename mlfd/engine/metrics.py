@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import time
@@ -48,14 +50,44 @@ class Accuracy:
         return {"top1": self.hits[1] / n, "top5": None if few else self.hits[5] / n, "n": self.n}
 
 
-class MetricsLog:
-    """One JSON object per line; a fresh run of a stage starts a fresh file."""
+SUMMARY_FILE = "summary.csv"
+TENSORBOARD_DIR = "tensorboard"
 
-    def __init__(self, path: Path, fresh: bool = True):
+# Whether training runs mirror their rows to TensorBoard (`--log tensorboard`; the CLI sets it
+# from RunOptions.log for the command it runs).
+_MIRROR = {"tensorboard": False}
+
+
+def set_tensorboard(on: bool = True) -> None:
+    _MIRROR["tensorboard"] = on
+
+
+def summary_columns(rows: list[dict]) -> list[str]:
+    """timm's summary.csv habit: epoch, lr, the training loss terms, then test accuracy."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    train = [k for k in keys if k.startswith("train_") and k != "train_images_per_s"]
+    acc = [k for k in ("top1", "top5") if k in keys]
+    per = [k for k in keys if k.endswith(("/top1", "/top5"))]  # per dataset (fuse, baselines)
+    return [k for k in ("epoch", "lr") if k in keys] + train + acc + per
+
+
+class MetricsLog:
+    """One JSON object per line; a fresh run of a stage starts a fresh file.
+
+    Beside it, ``summary.csv`` holds the same epochs as a table (rewritten from the JSONL
+    after every change, so the two never disagree); with TensorBoard mirroring on, every
+    row is also written as scalars to ``tensorboard/`` in the same directory."""
+
+    def __init__(self, path: Path, fresh: bool = True, tensorboard: bool | None = None):
         self.path = path
+        self.summary = path.parent / SUMMARY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh and path.exists():
-            path.unlink()
+        if fresh:
+            path.unlink(missing_ok=True)
+            self.summary.unlink(missing_ok=True)
+        self.tensorboard = _MIRROR["tensorboard"] if tensorboard is None else tensorboard
+        self._writer = None
+        self._purge_step: int | None = None
 
     def keep_epochs(self, epochs: int) -> None:
         """Drop rows of epochs after ``epochs`` (written after the last resumable checkpoint)."""
@@ -63,11 +95,47 @@ class MetricsLog:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
         os.replace(tmp, self.path)
+        self._write_summary(rows)
+        self._purge_step = epochs + 1  # TensorBoard drops its events of the dropped epochs
 
     def write(self, **row) -> None:
         row = {"time": round(time.time(), 3), **row}
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=float) + "\n")
+        self._write_summary(read_jsonl(self.path))
+        if self.tensorboard:
+            self._mirror(row)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _write_summary(self, rows: list[dict]) -> None:
+        cols = summary_columns(rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, cols, restval="", extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in cols} for r in rows)
+        tmp = self.summary.with_suffix(".csv.tmp")
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, self.summary)
+
+    def _mirror(self, row: dict) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR),
+                                         purge_step=self._purge_step)
+        step = int(row.get("epoch", 0))
+        for k, v in row.items():
+            if k in ("time", "epoch", "n") or isinstance(v, bool) or \
+                    not isinstance(v, (int, float)):
+                continue
+            tag = f"train/{k[6:]}" if k.startswith("train_") else \
+                f"test/{k}" if k in ("top1", "top5") else k
+            self._writer.add_scalar(tag, v, step)
+        self._writer.flush()  # an interrupted run keeps the epochs it finished
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -28,6 +28,9 @@ class RunOptions:
     loss_backend: str | None = None
     force: bool = False  # redo a stage whose result is up to date
     restart: bool = False  # do not resume a staged (interrupted) run
+    # "tensorboard": training runs also write TensorBoard event files into their directory
+    # (applied per process with mlfd.engine.metrics.set_tensorboard, as the CLI does).
+    log: str | None = None
 
 
 _DATASETS: dict[tuple[str, str | None], Dataset] = {}

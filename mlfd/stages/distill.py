@@ -15,6 +15,7 @@ from ..engine.fingerprint import digest, flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..errors import MlfdError
+from ..export import write_student_config
 from ..losses import KDLossConfig, kd_loss, resolve_backend
 from ..models import Student, build_level_backbone, level_shapes
 from ..models.backbone import apply_init
@@ -110,4 +111,5 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
               steps_per_epoch=steps, batches=batches, step=step,
               evaluate=lambda: evaluate_images(ws, opts, name, spec, student.backbone.model),
               run=run)
+    write_student_config(out, student.backbone.model)
     return res.last
