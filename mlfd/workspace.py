@@ -26,10 +26,6 @@ LOCK_FILE = ".mlfd.lock"
 RUNS_DIR = Path("mlfd-runs")  # where commands without --workdir put and look for experiments
 
 
-def default_workdir() -> Path:
-    return Path(os.environ.get("MLFD_WORKDIR", "mlfd-runs/default"))
-
-
 def find_experiments(root: Path = RUNS_DIR) -> list[Path]:
     """The workdirs directly under ``root`` that hold an experiment file, sorted by name."""
     root = Path(root)
