@@ -22,6 +22,16 @@ def _label(r: dict) -> str:
     return f"student L{r['levels']} ({r['arch']})"
 
 
+def _short_label(r: dict) -> str:
+    """The model in a few characters, for the 80-column terminal table (the architecture is
+    the dataset's own for teachers and students; baselines name theirs)."""
+    if r["model"] in ("joint", "student"):
+        return f"{r['model']} L{r['levels']}"
+    if r["model"] in ("multi-head", "joint-head"):
+        return f"{'MH' if r['model'] == 'multi-head' else 'JH'} {r['arch']}"
+    return "teacher"
+
+
 def _measured(r: dict) -> bool:
     return r.get("top1") is not None and r.get("status", "complete") == "complete"
 
@@ -46,15 +56,15 @@ def _note(r: dict) -> str:
     if st == "complete":
         return ""
     if st == "incomplete" and r.get("epochs"):
-        return f"incomplete (epoch {r.get('epoch')}/{r['epochs']})"
+        return f"incomplete {r.get('epoch')}/{r['epochs']}"
     return st
 
 
-def _cells(r: dict, rows: list[dict]) -> list[str]:
+def _cells(r: dict, rows: list[dict], label=_label) -> list[str]:
     g = _gain(r, rows)
     if r.get("top1") is None:
-        return [r["dataset"], _label(r), "—", "—", "", _note(r)]
-    return [r["dataset"], _label(r), _pct(r["top1"]), _pct(r.get("top5")),
+        return [r["dataset"], label(r), "—", "—", "", _note(r)]
+    return [r["dataset"], label(r), _pct(r["top1"]), _pct(r.get("top5")),
             "" if g is None else f"{100 * g:+.2f}", _note(r)]
 
 
@@ -62,11 +72,22 @@ COLUMNS = ("dataset", "model", "top-1 %", "top-5 %", "vs teacher", "status")
 
 
 def rich_table(rows: list[dict], title: str = "MLFD results (test split)") -> Table:
-    table = Table(title=title)
-    for col in COLUMNS:
-        table.add_column(col, justify="right" if "%" in col or col == "vs teacher" else "left")
+    """At most 80 columns: short model names, no vertical rules, nothing wrapped."""
+    from rich import box
+
+    caption = "gain: top-1 minus the teacher's"
+    if any(r["model"] in ("multi-head", "joint-head") for r in rows):
+        caption += "; MH/JH: multi/joint-head baseline"
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1),
+                  collapse_padding=True, pad_edge=False)
+    widths = {"dataset": 18, "model": 17, "status": 14}
+    for col in ("dataset", "model", "top-1", "top-5", "gain", "status"):
+        right = col in ("top-1", "top-5", "gain")
+        table.add_column(col, justify="right" if right else "left", no_wrap=True,
+                         min_width=6 if right else None, max_width=widths.get(col),
+                         overflow="ellipsis")
     for r in rows:
-        table.add_row(*_cells(r, rows))
+        table.add_row(*_cells(r, rows, _short_label))
     return table
 
 

@@ -316,10 +316,7 @@ def _emit(as_json: bool, doc: dict, rows: list[dict] | None = None) -> None:
     from mlfd.report import rich_table
 
     if rows is not None:
-        console = Console(stderr=as_json)
-        if not console.is_terminal:
-            console.width = max(console.width, 110)  # logs and CI: keep rows on one line
-        console.print(rich_table(rows))
+        Console(stderr=as_json).print(rich_table(rows))  # fits 80 columns
     if as_json:
         sys.stdout.write(json.dumps(doc, default=str) + "\n")
 

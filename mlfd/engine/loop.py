@@ -72,6 +72,7 @@ def fit(
     with progress() as prog:
         ep_task = prog.add_task(f"{title} epochs", total=cfg.epochs, completed=start, items=0,
                                 info="", unit="img")
+        done_items = 0  # images trained in this process: the outer bar's rate
         for epoch in range(start, cfg.epochs):
             model.train()
             task = prog.add_task(f"  epoch {epoch + 1}", total=steps_per_epoch, items=0, info="",
@@ -96,6 +97,8 @@ def fit(
                         raise MlfdError(f"{title}: loss became {value} at epoch {epoch + 1}; "
                                         "lower --lr")
                     prog.update(task, completed=i + 1, items=seen, info=f"loss {value:.3f}")
+                    prog.update(ep_task, completed=epoch + (i + 1) / steps_per_epoch,
+                                items=done_items + seen)
             prog.remove_task(task)
             train_time = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
@@ -109,7 +112,8 @@ def fit(
             improved = best is None or row.get(select, -math.inf) > best.get(select, -math.inf)
             best = row if improved else best
             run.end_epoch(epoch + 1, cfg.epochs, row, improved, model, opt, sched, best, history)
-            prog.update(ep_task, advance=1, items=seen * (epoch + 1 - start),
+            done_items += seen
+            prog.update(ep_task, completed=epoch + 1, items=done_items,
                         info=f"{select} {row.get(select, float('nan')):.4f}")
             log(f"{title} epoch {epoch + 1}/{cfg.epochs}: "
                 + ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in row.items()

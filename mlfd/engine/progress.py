@@ -12,7 +12,6 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.text import Text
@@ -32,13 +31,30 @@ class RateColumn(ProgressColumn):
         return Text(f"{items / elapsed:,.0f} {unit}/s", style="progress.data.speed")
 
 
-def progress() -> Progress:
+class NameColumn(ProgressColumn):
+    """The task's name, cut to a fixed width so a bar line fits 80 columns."""
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        self.width = width
+
+    def render(self, task) -> Text:
+        name = task.description
+        if len(name) > self.width:
+            name = name[: self.width - 1] + "…"
+        return Text(name.ljust(self.width), style="bold")
+
+
+def progress(out: Console | None = None, get_time=None) -> Progress:
+    """Bars of at most 80 columns: name, bar, done/total, items/s, info, ETA. Outer bars
+    advance fractionally within an epoch, so their ETA is known from the first updates."""
     disabled = bool(os.environ.get("MLFD_NO_PROGRESS")) or not sys.stderr.isatty()
+    kw = {"get_time": get_time} if get_time is not None else {}
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        RateColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console, disable=disabled, transient=False,
-    )
+        NameColumn(), BarColumn(bar_width=12), MofNCompleteColumn(), RateColumn(),
+        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=out or console,
+        disable=disabled and out is None, transient=False, expand=False,
+        speed_estimate_period=3600.0, **kw)
 
 
 def log(msg: str) -> None:
