@@ -126,7 +126,10 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
            if g.status() != "ok"] if not changed else []
     add("cache", f"teacher embeddings L{levels}",
         "teachers change" if changed else (bad[0] if bad else "up to date"), changed or bad)
-    changed |= bool(bad)
+    # A rebuilt cache group gets the fingerprint the experiment asks for now, and everything
+    # downstream is judged by fingerprints: a missing or damaged group is rebuilt without
+    # retraining what was made from an identical one (a stale group changes the fingerprints
+    # downstream, so those stages come out stale on their own).
     if changed:
         add("fuse", f"joint teacher L{levels}", "upstream changes", True)
     else:
@@ -138,7 +141,7 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
         changed or stale)
     for n in names:
         target = f"{n} L{levels}"
-        if changed or stale:
+        if changed:
             add("distill", target, "upstream changes", True)
         else:
             _trained(plan, "distill", target, Artifact(ws.student_dir(n, levels)),
