@@ -118,10 +118,13 @@ def aggregate(seeds: list[dict]) -> dict:
     return out
 
 
-def _cell(v: dict | None) -> str:
+def _cell(v: dict | None, n_total: int) -> str:
+    """mean ± sample std; with the number of seeds when some seeds lack this model."""
     if not v or v["top1_mean"] is None:
         return "—"
-    return f"{v['top1_mean']:.2f} ± {v['top1_std']:.2f}"
+    text = f"{v['top1_mean']:.2f} ± {v['top1_std']:.2f}" if v["n_seeds"] > 1 \
+        else f"{v['top1_mean']:.2f}"
+    return text if v["n_seeds"] == n_total else f"{text} (n={v['n_seeds']})"
 
 
 def student_arch(seeds: list[dict], dataset: str) -> str:
@@ -145,11 +148,12 @@ def markdown(agg: dict, seeds: list[dict], levels: list[int]) -> str:
     for k in levels:
         rows.append((f"joint teacher L{k}", lambda d, k=k: agg[d].get(f"joint L{k}")))
     for label, get in rows:
-        lines.append(f"| {label} | " + " | ".join(_cell(get(d)) for d in datasets) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(get(d), len(seeds)) for d in datasets)
+                     + " |")
     lines += ["", "Ablation (paper Table 4): students by distillation level, top-1 %.", "",
               "| level | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
     for k in levels:
-        lines.append(f"| L1..L{k} | " + " | ".join(_cell(agg[d].get(f"student L{k}"))
+        lines.append(f"| L1..L{k} | " + " | ".join(_cell(agg[d].get(f"student L{k}"), len(seeds))
                                                    for d in datasets) + " |")
     return "\n".join(lines) + "\n"
 

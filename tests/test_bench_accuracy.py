@@ -36,3 +36,6 @@ def test_aggregate_by_hand():
     assert "| MLFD student L2 | 62.00 ± 2.83 |" in table
     assert "| multi-head (same arch) | 42.00 ± 2.83 |" in table  # arch a, not b
     assert "| joint-head (same arch) | — |" in table
+    seeds[0]["rows"].append(_row("d", "joint-head", 0.3))  # in one of the two seeds only
+    table = accuracy.markdown({"d": accuracy.aggregate(seeds)["d"]}, seeds, [2])
+    assert "| joint-head (same arch) | 30.00 (n=1) |" in table
