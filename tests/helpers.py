@@ -1,5 +1,6 @@
 """What the CLI tests share: in-process runs, tiny learnable datasets, one-line errors."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -78,3 +79,21 @@ def pin_overrides(w: Path, epochs: int = 1) -> None:
     for section in ("teach", "fuse", "distill"):
         exp[section]["epochs"], exp[section]["batch_size"] = epochs, 16
     (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
+
+
+def edit_experiment(w: Path, section: str, **values) -> None:
+    """Set values in experiment.yaml: in a section ("teach", ...) or, with "", at the top."""
+    exp = yaml.safe_load((w / "experiment.yaml").read_text())
+    (exp[section] if section else exp).update(values)
+    (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
+
+
+def tree_snapshot(root: Path) -> dict:
+    """Every entry's mtime and every file's bytes: what a command that writes nothing keeps."""
+    snap = {}
+    for d, dirs, files in os.walk(root):
+        for name in [".", *dirs, *files]:
+            p = Path(d) / name
+            snap[str(p.relative_to(root))] = (p.stat().st_mtime_ns,
+                                              p.read_bytes() if p.is_file() else None)
+    return snap

@@ -1,14 +1,12 @@
 """CLI conventions: --dry-run writes nothing, --version, -h, help without Python type names."""
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import LOCAL, TINY, bad, make_npz, run
+from helpers import LOCAL, TINY, bad, edit_experiment, make_npz, run, tree_snapshot
 
 VERBS = ["teach", "cache", "fuse", "distill", "eval", "info"]
 
@@ -16,23 +14,6 @@ VERBS = ["teach", "cache", "fuse", "distill", "eval", "info"]
 def _teachers(root: Path) -> list:
     a, b = make_npz(root / "alpha.npz", 0), make_npz(root / "beta.npz", 1, classes=4, channels=3)
     return ["--teacher", f"{a}=test_resnet", "--teacher", f"{b}=test_vit"]
-
-
-def _edit(w: Path, section: str, **values) -> None:
-    exp = yaml.safe_load((w / "experiment.yaml").read_text())
-    exp[section].update(values)
-    (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
-
-
-def _tree(root: Path) -> dict:
-    """Every file's bytes and every entry's mtime: what a run that writes nothing keeps."""
-    snap = {}
-    for d, dirs, files in os.walk(root):
-        for name in [".", *dirs, *files]:
-            p = Path(d) / name
-            snap[str(p.relative_to(root))] = (p.stat().st_mtime_ns,
-                                              p.read_bytes() if p.is_file() else None)
-    return snap
 
 
 def _dry(capsys, *args) -> tuple[dict, str]:
@@ -61,8 +42,8 @@ def test_dry_run_on_an_empty_workdir_creates_nothing(tmp_path, capsys):
 
 
 def test_dry_run_names_the_change_and_touches_nothing(ws, capsys):
-    _edit(ws, "teach", lr=0.002)
-    before = _tree(ws)
+    edit_experiment(ws, "teach", lr=0.002)
+    before = tree_snapshot(ws)
     doc, _ = _dry(capsys, "distill", "--workdir", ws, "--dataset", "alpha", *LOCAL)
     assert [s["verb"] for s in doc["steps"]] == ["teach", "teach", "cache", "fuse", "cache",
                                                  "distill"]
@@ -74,7 +55,7 @@ def test_dry_run_names_the_change_and_touches_nothing(ws, capsys):
     assert doc["steps"] == [] and [s["reason"] for s in doc["reused"]] == ["up to date"]
     doc, _ = _dry(capsys, "cache", "--workdir", ws, "--levels", 2, *LOCAL)
     assert [(s["target"], s["reason"]) for s in doc["steps"]] == [("targets L2 beta", "missing")]
-    assert _tree(ws) == before  # no lock taken, no file written, no mtime changed
+    assert tree_snapshot(ws) == before  # no lock taken, no file written, no mtime changed
 
 
 def test_dry_run_of_each_stage(ws, capsys):
@@ -84,7 +65,7 @@ def test_dry_run_of_each_stage(ws, capsys):
         "teachers L2 alpha/train", "teachers L2 alpha/test", "teachers L2 beta/train",
         "teachers L2 beta/test", "targets L2 alpha"]  # only alpha was distilled
     shutil.rmtree(ws / "cache/teachers-L2.zarr/beta/test")
-    before = _tree(ws)
+    before = tree_snapshot(ws)
     doc, _ = _dry(capsys, "cache", "--workdir", ws, "--levels", 2, *LOCAL)
     assert [(s["target"], s["reason"]) for s in doc["steps"]] == [
         ("teachers L2 beta/test", "missing"), ("targets L2 beta", "missing")]
@@ -93,7 +74,7 @@ def test_dry_run_of_each_stage(ws, capsys):
     doc, _ = _dry(capsys, "teach", "--workdir", ws, "--baseline", "multi-head", *LOCAL)
     assert [(s["target"], s["reason"]) for s in doc["steps"]] == [
         ("multi-head baseline test_resnet", "not trained yet")]
-    assert _tree(ws) == before
+    assert tree_snapshot(ws) == before
 
 
 # --------------------------------------------------------------------------- --version, -h

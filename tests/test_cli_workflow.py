@@ -3,7 +3,6 @@
 
 import csv
 import json
-import os
 import shutil
 import sys
 import types
@@ -12,26 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import LOCAL, TINY, bad, make_npz, run
+from helpers import LOCAL, TINY, bad, edit_experiment, make_npz, run, tree_snapshot
 
 from mlfd.engine.metrics import MetricsLog, read_jsonl
-
-
-def _edit(w: Path, section: str, **values) -> None:
-    exp = yaml.safe_load((w / "experiment.yaml").read_text())
-    exp[section].update(values)
-    (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
-
-
-def _tree(root: Path) -> dict:
-    """Every entry's mtime and every file's bytes: what a read-only command keeps."""
-    snap = {}
-    for d, dirs, files in os.walk(root):
-        for name in [".", *dirs, *files]:
-            p = Path(d) / name
-            snap[str(p.relative_to(root))] = (p.stat().st_mtime_ns,
-                                              p.read_bytes() if p.is_file() else None)
-    return snap
 
 
 def _csv(path: Path) -> list[dict]:
@@ -101,7 +83,7 @@ def test_export_takes_only_complete_students_unless_forced(ws, tmp_path, capsys)
     assert "no student of 'alpha' at L1" in bad(
         capsys, "export", "--workdir", ws, "--dataset", "alpha", "--levels", 1, dest)
     assert "exactly one --dataset" in bad(capsys, "export", "--workdir", ws, dest)
-    _edit(ws, "distill", lr=0.5)  # the student is now stale
+    edit_experiment(ws, "distill", lr=0.5)  # the student is now stale
     msg = bad(capsys, "export", "--workdir", ws, "--dataset", "alpha", dest)
     assert "stale" in msg and "--force" in msg
     msg = bad(capsys, "export", "--workdir", ws, "--dataset", "alpha", "--levels", 2, dest)
@@ -153,12 +135,12 @@ def test_list_shows_each_stage_and_writes_nothing(ws, tmp_path, capsys):
     root = tmp_path / "runs"
     shutil.copytree(ws, root / "a")
     shutil.copytree(ws, root / "b")
-    _edit(root / "b", "distill", lr=0.5)  # b's student is stale
+    edit_experiment(root / "b", "distill", lr=0.5)  # b's student is stale
     staged = root / "b" / "students" / "beta" / ".L2.partial"  # and beta's run interrupted
     staged.mkdir(parents=True)
     (staged / "last.json").write_text(json.dumps({"epoch": 1, "epochs": 3, "complete": False}))
     (root / "notes").mkdir()  # no experiment.yaml: not listed
-    before = _tree(root)
+    before = tree_snapshot(root)
     code, out, err = run(capsys, "list", "--root", root, "--json")
     assert code == 0, err
     doc = json.loads(out)
@@ -179,7 +161,7 @@ def test_list_shows_each_stage_and_writes_nothing(ws, tmp_path, capsys):
     assert "stale" in err  # the table went to stderr beside --json
     code, out, _ = run(capsys, "list", "--root", root)
     assert code == 0 and "incomplete" in out and "missing" in out
-    assert _tree(root) == before
+    assert tree_snapshot(root) == before
     code, out, _ = run(capsys, "list", "--root", tmp_path / "none", "--json")
     assert code == 0 and json.loads(out)["experiments"] == []
 
@@ -324,13 +306,13 @@ def test_tensorboard_mirror_rows_and_purge_on_resume(tmp_path, monkeypatch):
 
 def test_log_tensorboard_needs_the_package(ws, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    before = _tree(ws)
+    before = tree_snapshot(ws)
     for verb in ("teach", "fuse", "distill"):
         msg = bad(capsys, verb, "--workdir", ws, "--log", "tensorboard", "--force", *LOCAL[:2])
         assert "pip install tensorboard" in msg
     assert "unknown --log 'csv'" in bad(capsys, "fuse", "--workdir", ws, "--log", "csv",
                                         *LOCAL[:2])
-    assert _tree(ws) == before
+    assert tree_snapshot(ws) == before
 
 
 def test_log_tensorboard_writes_event_files(ws, capsys):

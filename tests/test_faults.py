@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import LOCAL, TINY, bad, make_npz, run
+from helpers import LOCAL, TINY, bad, edit_experiment, make_npz, run
 from safetensors.torch import load_file
 
 from mlfd.cache import CacheGroup
@@ -27,15 +27,6 @@ from mlfd.engine.artifact import TrainRun
 from mlfd.engine.checkpoint import file_sha256, verify_checkpoint
 from mlfd.stages.plan import plan_distill
 from mlfd.workspace import Workspace
-
-
-def _edit(w: Path, section: str, key: str, value) -> None:
-    exp = yaml.safe_load((w / "experiment.yaml").read_text())
-    if section:
-        exp[section][key] = value
-    else:
-        exp[key] = value
-    (w / "experiment.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
 
 
 def _plan(w: Path, names=("alpha",), levels=2):
@@ -64,7 +55,7 @@ def _epochs(metrics: Path) -> list[int]:
 def test_plain_run_after_overrides_reuses_only_what_matches(ws, capsys):
     """Finding 4: results of `--epochs 1` are not reused when the experiment says more."""
     assert _plan(ws).steps == []  # the file now says what the overrides said
-    _edit(ws, "teach", "epochs", 2)
+    edit_experiment(ws, "teach", epochs=2)
     steps = _plan(ws).steps
     assert [s.verb for s in steps] == ["teach", "teach", "cache", "fuse", "cache", "distill"]
     assert "teach.epochs 1 → 2" in steps[0].reason
@@ -87,7 +78,7 @@ UPSTREAM_OF = {  # the steps a change redoes, in order
 ])
 def test_every_parameter_is_in_the_fingerprint(ws, section, key, value, first, expect):
     """Each change redoes its stage and everything downstream, nothing upstream."""
-    _edit(ws, section, key, value)
+    edit_experiment(ws, section, **{key: value})
     steps = _plan(ws).steps
     assert [s.verb for s in steps] == UPSTREAM_OF[first]
     assert expect in steps[0].reason, steps[0]
@@ -112,7 +103,7 @@ def _interrupt_after(monkeypatch, epoch: int) -> None:
 def test_resumed_training_equals_uninterrupted(ws, tmp_path, capsys, monkeypatch, stage):
     """Finding 3: an interrupted run continues from its last epoch and ends bitwise equal."""
     section = {"teach": "teach", "fuse": "fuse", "distill": "distill", "baseline": "teach"}[stage]
-    _edit(ws, section, "epochs", 3)
+    edit_experiment(ws, section, epochs=3)
     ref = tmp_path / "ref"
     shutil.copytree(ws, ref)
     cmd = {"teach": ["teach", "--dataset", "alpha"], "fuse": ["fuse", "--levels", 2],
@@ -144,7 +135,7 @@ def test_resumed_training_equals_uninterrupted(ws, tmp_path, capsys, monkeypatch
 
 
 def test_restart_discards_the_staged_run(ws, capsys, monkeypatch):
-    _edit(ws, "teach", "epochs", 2)
+    edit_experiment(ws, "teach", epochs=2)
     with monkeypatch.context() as m:
         _interrupt_after(m, 1)
         assert run(capsys, "teach", "--dataset", "alpha", "--workdir", ws, *LOCAL)[0] == 130
@@ -185,7 +176,7 @@ def _kill_after_epoch(proc: subprocess.Popen, staged: Path, epoch: int = 1,
 def test_sigkill_during_teach_resumes_to_the_uninterrupted_result(ws, tmp_path, capsys):
     """A real SIGKILL (no handler runs) between or inside epochs: the next run resumes from
     the last checkpointed epoch and ends with the weights of an uninterrupted run."""
-    _edit(ws, "teach", "epochs", 12)
+    edit_experiment(ws, "teach", epochs=12)
     ref = tmp_path / "ref"
     shutil.copytree(ws, ref)
     assert run(capsys, "teach", "--dataset", "alpha", "--workdir", ref, *LOCAL)[0] == 0
@@ -213,7 +204,7 @@ def test_sigkill_keeps_finished_results_and_resumes(ws, capsys):
     assert file_sha256(joint.with_suffix(".safetensors")) == sha
     assert json.loads(joint.with_suffix(".json").read_text())["complete"]
 
-    _edit(ws, "distill", "epochs", 60)
+    edit_experiment(ws, "distill", epochs=60)
     proc = _spawn("distill", "--workdir", ws, "--dataset", "alpha", *LOCAL)
     deadline = time.monotonic() + 120
     while (ws / ".mlfd.lock").read_text().strip() != str(proc.pid) \
@@ -234,7 +225,7 @@ def test_sigkill_keeps_finished_results_and_resumes(ws, capsys):
     assert states == [("incomplete", True), ("stale", False)]
     assert "incomplete 1/60" in (ws / "reports/results.md").read_text()
 
-    _edit(ws, "distill", "epochs", 3)  # a shorter plan: the staged 60-epoch run is not reused
+    edit_experiment(ws, "distill", epochs=3)  # shorter: the staged 60-epoch run is not reused
     code, out, err = run(capsys, "distill", "--workdir", ws, "--dataset", "alpha", "--json",
                          *LOCAL)
     assert code == 0, err
@@ -306,7 +297,7 @@ def test_cache_extraction_resumes_at_chunk(ws, capsys, monkeypatch):
     g = ws / "cache/teachers-L2.zarr/alpha/train"
     before = zarr.open_group(str(g), mode="r")["alpha"][...]
     monkeypatch.setattr(store, "CHUNK_BYTES", 4096)  # several chunks even for tiny data
-    _edit(ws, "cache", "batch_size", 16)  # and several batches per group
+    edit_experiment(ws, "cache", batch_size=16)  # and several batches per group
     calls = {"n": 0}
     original = store.CacheWriter.append
 
