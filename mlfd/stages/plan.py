@@ -122,8 +122,9 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
 
     changed = merge(plan_teach(ws, ws.exp.names(), restart=restart))
     groups = [teacher_group(ws, levels, n, s) for n in ws.exp.names() for s in SPLITS]
-    bad = [f"{g.path.parent.name}/{g.path.name}: {g.reason()}" for g in groups
-           if g.status() != "ok"] if not changed else []
+    # reason() is "ok" exactly when status() is: one integrity read per group, not two
+    bad = [f"{g.path.parent.name}/{g.path.name}: {why}" for g in groups
+           if (why := g.reason()) != "ok"] if not changed else []
     add("cache", f"teacher embeddings L{levels}",
         "teachers change" if changed else (bad[0] if bad else "up to date"), changed or bad)
     # A rebuilt cache group gets the fingerprint the experiment asks for now, and everything
@@ -134,8 +135,8 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
         add("fuse", f"joint teacher L{levels}", "upstream changes", True)
     else:
         changed = merge(plan_fuse(ws, levels, restart=restart))
-    stale = [] if changed else [f"{n}: {target_group(ws, levels, n).reason()}" for n in names
-                                if target_group(ws, levels, n).status() != "ok"]
+    stale = [] if changed else [f"{n}: {why}" for n in names
+                                if (why := target_group(ws, levels, n).reason()) != "ok"]
     add("cache", f"joint targets L{levels}",
         "upstream changes" if changed else (stale[0] if stale else "up to date"),
         changed or stale)
