@@ -482,4 +482,4 @@ def test_trio_preset_reads_the_full_offline_sets(shared_data):
     sizes = {n: len(dataset_of(ws, n).load("train")) for n in exp.names()}
     assert sizes["mnist"] == 50000 and sizes["fashion-mnist"] == 60000
     assert sizes["animal-mnist"] > 5000
-    assert len({e.arch.split("_")[1] for e in exp.datasets}) == 3  # resnet, convnext, vit
+    assert len({e.arch.split("_")[1] for e in exp.datasets}) == 3  # efficientnet, convnext, vit

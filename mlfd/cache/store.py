@@ -227,6 +227,11 @@ class CacheGroup:
                     f"corrupt: array {k} failed to decode ({type(e).__name__})")) from e
         return out
 
+    def open_read(self):
+        """The checked, complete group opened read-only (zarr arrays read lazily by slice)."""
+        self.check()
+        return _zarr().open_group(store=str(self.path), mode="r")
+
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
