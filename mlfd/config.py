@@ -81,8 +81,13 @@ class DistillConfig(TrainConfig):
 @dataclass
 class CacheConfig:
     views: int = 4  # cached views per training image (view 0 = clean)
-    dtype: str = "float16"
+    dtype: str = "float16"  # float16 | bfloat16 | float32
     batch_size: int = 256
+    codec: str = "zstd"  # zstd | lz4 | none (each chunk keeps its crc32c regardless)
+    clevel: int = 5  # compression level 0-9
+    # Where the teachers-L<K>.zarr / targets-L<K>.zarr stores live: a path or an fsspec URL
+    # (file://, memory://, s3://, ...); default <workdir>/cache. Not part of any fingerprint.
+    uri: str | None = None
 
 
 @dataclass
@@ -151,6 +156,11 @@ class Experiment:
             raise MlfdError(f"cache.dtype {self.cache.dtype!r}: choose {', '.join(CACHE_DTYPES)}")
         if self.cache.batch_size < 1:
             raise MlfdError(f"cache.batch_size must be >= 1, got {self.cache.batch_size}")
+        from .cache.store import check_codec, check_uri
+
+        check_codec(self.cache.codec, self.cache.clevel)
+        if self.cache.uri is not None and (why := check_uri(str(self.cache.uri))):
+            raise MlfdError(f"cache.uri {self.cache.uri!r}: {why}")
         for d in self.datasets:
             if d.input_size < 8:
                 raise MlfdError(f"{d.name}: input_size must be >= 8, got {d.input_size}")
@@ -195,7 +205,7 @@ class Experiment:
         return exp
 
 
-CACHE_DTYPES = ("float16", "float32")
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "onecycle", "onecycle-constant", "cosine")
 INITS = ("default", "xavier", "xavier-normal")

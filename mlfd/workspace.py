@@ -4,6 +4,7 @@
     <workdir>/teachers/<dataset>/{best,last}.{safetensors,json}, metrics.jsonl
     <workdir>/cache/teachers-L<K>.zarr/<dataset>/<split>/   teacher embeddings at L_K
     <workdir>/cache/targets-L<K>.zarr/<dataset>/train/      joint-teacher logits + L1..LK
+        (or under cache.uri: another directory or an fsspec URL such as s3://bucket/prefix)
     <workdir>/joint/L<K>/{best,last}.*, metrics.jsonl
     <workdir>/students/<dataset>/L<K>/{best,last}.*, adaptors.safetensors, metrics.jsonl
     <workdir>/reports/results.{json,md}, curves-*.png
@@ -62,11 +63,18 @@ class Workspace:
         return cls(root, exp, data_root, is_new)
 
     def create(self) -> None:
-        """Write a new experiment's file; call only once every option was validated."""
+        """Write a new experiment's file; call only once every option was validated.
+
+        An existing one gets this run's cache location (--cache-uri) written into it: it
+        says where the caches are, so later runs without the option must find them there."""
         self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / EXPERIMENT_FILE
         if self.is_new:
-            self.exp.save(self.root / EXPERIMENT_FILE)
+            self.exp.save(path)
             self.is_new = False
+        elif (on_disk := Experiment.load(path)).cache.uri != self.exp.cache.uri:
+            on_disk.cache.uri = self.exp.cache.uri
+            on_disk.save(path)
 
     def record_imports(self, names: list[str]) -> None:
         """Write the imported teachers of ``names`` into experiment.yaml, and nothing else
@@ -113,11 +121,23 @@ class Workspace:
     def student_dir(self, name: str, levels: int) -> Path:
         return self.root / "students" / name / f"L{levels}"
 
-    def teacher_cache(self, levels: int) -> Path:
-        return self.root / "cache" / f"teachers-L{levels}.zarr"
+    def cache_root(self) -> Path | str:
+        """Where cache stores live: <workdir>/cache, or cache.uri (a local path, relative
+        to the workdir if relative, or an fsspec URL string)."""
+        from .cache.store import cache_root
 
-    def target_cache(self, levels: int) -> Path:
-        return self.root / "cache" / f"targets-L{levels}.zarr"
+        return cache_root(self.exp.cache.uri, self.root) if self.exp.cache.uri \
+            else self.root / "cache"
+
+    def teacher_cache(self, levels: int) -> Path | str:
+        from .cache.store import join
+
+        return join(self.cache_root(), f"teachers-L{levels}.zarr")
+
+    def target_cache(self, levels: int) -> Path | str:
+        from .cache.store import join
+
+        return join(self.cache_root(), f"targets-L{levels}.zarr")
 
     @property
     def reports(self) -> Path:

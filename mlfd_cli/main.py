@@ -111,9 +111,17 @@ LogTo = Annotated[str | None, typer.Option(
     "--log", metavar="BACKEND",
     help="tensorboard: also write TensorBoard event files into each training run's "
          "directory (needs `pip install tensorboard`).")]
+CacheUri = Annotated[str | None, typer.Option(
+    "--cache-uri", metavar="URL",
+    help="Where the caches live: a directory or an fsspec URL (file://..., s3://bucket/prefix "
+         "with s3fs installed); saved in experiment.yaml (default: <workdir>/cache).")]
 DryRun = Annotated[bool, typer.Option(
     "--dry-run", "-n", metavar="",
     help="Print what would run and why (and what is reused), then exit; writes nothing.")]
+Nproc = Annotated[int | None, typer.Option(
+    "--nproc", metavar="N",
+    help="Run in N processes (one per GPU on CUDA) with the same global batch: this "
+         "command under torchrun (python -m torch.distributed.run).")]
 
 
 def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epochs, batch_size,
@@ -179,6 +187,19 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
                 raise MlfdError(f"{flag} {value}: {e}") from None
         raise
     return ws
+
+
+def _set_cache_uri(ws, uri: str | None) -> None:
+    """Apply --cache-uri (checked here; a run that writes saves it in experiment.yaml)."""
+    if uri is None:
+        return
+    from mlfd.cache.store import check_uri
+
+    if why := check_uri(uri):
+        raise MlfdError(f"--cache-uri {uri}: {why}")
+    if uri and "://" not in uri:  # stored absolute, like dataset sources
+        uri = str(Path(uri).expanduser().resolve())
+    ws.exp.cache.uri = uri or None  # '': back to <workdir>/cache
 
 
 FLIP_SUFFIXES = {":noflip": False, ":flip": True}
@@ -290,11 +311,162 @@ def _check(ws, opts, levels=None) -> None:
 
 @contextlib.contextmanager
 def _session(ws, opts, levels=None):
-    """Check the run, then create the workspace and hold its lock."""
-    _check(ws, opts, levels)
-    with ws.locked():
-        ws.create()
+    """Check the run, then create the workspace and hold its lock.
+
+    Under torchrun rank 0 checks first (fetching any data), then the others; only rank 0
+    locks and writes, and the lock is held until every rank is done."""
+    from mlfd.engine.distributed import barrier, is_main
+
+    if is_main():
+        _check(ws, opts, levels)
+    barrier()
+    if not is_main():
+        _check(ws, opts, levels)
+    with ws.locked() if is_main() else contextlib.nullcontext(ws):
+        if is_main():
+            ws.create()
+        barrier()  # experiment.yaml is written before any rank reads state
         yield ws
+        barrier()
+
+
+class _Exit(Exception):
+    """Leave main() with this code, printing nothing more (an `--nproc` run's ranks did)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _distribute(nproc, ws, opts, levels, sections: tuple[str, ...], dry_run: bool) -> None:
+    """Check --nproc and that the batches split over the processes, before anything is
+    written; with N > 1 run the command in N processes and leave with their exit code."""
+    from mlfd.engine.distributed import under_torchrun, world
+
+    if nproc is not None and under_torchrun():
+        raise MlfdError("--nproc starts torchrun itself: drop it inside torchrun")
+    if nproc is not None and nproc < 1:
+        raise MlfdError(f"--nproc must be >= 1, got {nproc}")
+    n = nproc or world()
+    _check_split(ws, sections, n, f"--nproc {n}" if nproc else f"{n} torchrun processes")
+    if n == 1 or nproc is None or dry_run:
+        return
+    import torch
+
+    if opts.device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise MlfdError(f"--nproc {nproc}: only {torch.cuda.device_count()} CUDA device(s) "
+                        "here (one per process); use fewer or --device cpu")
+    _check(ws, opts, levels)  # data and models: fail once, here, rather than in N processes
+    raise _Exit(_relaunch(nproc, ws))
+
+
+def _check_split(ws, sections: tuple[str, ...], n: int, how: str) -> None:
+    """Each training section's micro-batch must split evenly over ``n`` processes: every
+    rank takes an equal share of each global batch."""
+    for section in sections:
+        cfgs = [(section, ws.exp.stage(section, None))]
+        if section in ("teach", "distill"):  # datasets may have their own values
+            cfgs += [(f"datasets[{e.name}].{section}", ws.exp.stage(section, e.name))
+                     for e in ws.exp.datasets if getattr(e, section)]
+        for label, cfg in cfgs:
+            if cfg.micro_batch % n:
+                accum = f" in {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else ""
+                raise MlfdError(f"{how}: {label}.batch_size {cfg.batch_size}{accum} does not "
+                                f"split over {n} processes; use a --batch-size divisible by "
+                                f"{n * cfg.grad_accum}")
+
+
+def _relaunch(nproc: int, ws) -> int:
+    """This command (minus --nproc) in ``nproc`` processes under torch.distributed.run,
+    launched in this process so that a failure ends as one line, not torchrun's report."""
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    from mlfd.engine.distributed import ERRORS_ENV
+
+    args, value = [], False  # the command line without --nproc N / --nproc=N
+    for a in sys.argv[1:]:
+        if not value and a != "--nproc" and not a.startswith("--nproc="):
+            args.append(a)
+        value = a == "--nproc" and not value  # the next item is its value
+    if not any(a in ("--workdir", "-w") or a.startswith("--workdir=") for a in args):
+        args += ["--workdir", str(ws.root)]  # found once, here
+    # torchrun's default is one thread per process, announced in a banner
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.disable(logging.CRITICAL)  # torchrun's agent logs its every move at WARNING
+    with tempfile.TemporaryDirectory(prefix="mlfd-ranks-") as errors:
+        os.environ[ERRORS_ENV] = errors
+        try:
+            torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}",
+                                 "-m", "mlfd_cli.main", *args]))
+            return 0
+        except ChildFailedError as e:
+            return _rank_failure(e, Path(errors), nproc)
+        except SignalException as e:  # Ctrl-C or a kill: torchrun stopped the ranks
+            if 0 not in _rank_errors(Path(errors), own=True):  # rank 0 did not say so itself
+                print("interrupted: finished results are kept; run the same command again "
+                      "to resume (--restart to start over)", file=sys.stderr)
+            return 128 + int(e.sigval)
+        finally:
+            os.environ.pop(ERRORS_ENV, None)
+            logging.disable(logging.NOTSET)
+
+
+def _rank_failure(err, folder: Path, nproc: int) -> int:
+    """The exit code of a failed `--nproc` run. Rank 0 printed its own error; otherwise
+    the first rank with one of its own (not a broken connection to a failed peer) has it
+    shown here; failing that, the way the first process ended."""
+    import signal
+
+    said = _rank_errors(folder, own=True)
+    if said:
+        first = min(said)
+        if first != 0:
+            print(said[first]["line"], file=sys.stderr)
+        return int(said[first]["code"])
+    rank, failure = err.get_first_failure()
+    code = int(failure.exitcode)
+    how = f"exit code {code}"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            how = f"signal {signal.Signals(-code).name}"
+    print(f"error: process {rank} of {nproc} ended with {how}", file=sys.stderr)
+    return code if code > 0 else 128 - code
+
+
+def _rank_errors(folder: Path, own: bool = False) -> dict[int, dict]:
+    """rank -> {code, line, secondary} the failed ranks of an `--nproc` run left (``own``:
+    only errors of their own, not a lost connection to a failed peer)."""
+    said = {}
+    for f in folder.glob("rank-*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            doc = json.loads(f.read_text())
+            if not (own and doc.get("secondary")):
+                said[int(doc["rank"])] = doc
+    return said
+
+
+def _say(line: str, code: int, secondary: bool = False) -> None:
+    """Print an error line once per run. Under `--nproc` every failing rank leaves it for
+    the launcher and only rank 0 prints (unless its error only echoes a failed peer);
+    under a bare torchrun every rank prints, ranks other than 0 naming themselves."""
+    from mlfd.engine import distributed as dist
+
+    folder = os.environ.get(dist.ERRORS_ENV)
+    if dist.world() > 1 and folder:
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank-{dist.rank()}.json").write_text(json.dumps(
+                {"rank": dist.rank(), "code": code, "line": line, "secondary": secondary}))
+        if dist.rank() > 0 or secondary:
+            return
+    elif dist.rank() > 0:
+        line = f"[rank {dist.rank()}] {line}"
+    print(line, file=sys.stderr)
 
 
 def _names(ws, datasets) -> list[str]:
@@ -313,8 +485,11 @@ def _levels(ws, levels) -> int:
 def _emit(as_json: bool, doc: dict, rows: list[dict] | None = None) -> None:
     from rich.console import Console
 
+    from mlfd.engine.distributed import is_main
     from mlfd.report import rich_table
 
+    if not is_main():  # under torchrun rank 0 speaks for the run
+        return
     if rows is not None:
         Console(stderr=as_json).print(rich_table(rows))  # fits 80 columns
     if as_json:
@@ -349,10 +524,13 @@ def _set_imports(ws, imports: list[str]) -> list[str]:
 
 def _dry_run(ws, opts, levels, as_json: bool, planner, *args) -> None:
     """Check the run as a real one would, then print its plan: no lock, nothing written."""
+    from mlfd.engine.distributed import is_main
     from mlfd.engine.staging import set_read_only
     from mlfd.stages.plan import announce
 
     set_read_only()  # no lock is held: leave any other run's files as they are
+    if not is_main():  # under torchrun rank 0 prints the plan
+        return
     _check(ws, opts, levels)
     plan = planner(ws, *args)
     write = partial(print, file=sys.stderr if as_json else sys.stdout)
@@ -365,11 +543,12 @@ def _dry_run(ws, opts, levels, as_json: bool, planner, *args) -> None:
 
 
 def _report(ws, opts) -> tuple[list[dict], dict]:
+    from mlfd.engine.distributed import is_main
     from mlfd.report import write_reports
     from mlfd.stages import evaluate
 
-    rows = evaluate(ws, opts)
-    return rows, write_reports(ws, rows)
+    rows = evaluate(ws, opts)  # under torchrun: every rank, each its shard of the test sets
+    return rows, write_reports(ws, rows) if is_main() else {}
 
 
 @command()
@@ -378,7 +557,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
           preset: Preset = None, teacher: Teacher = None, input_size: InputSize = None,
           epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
           pipeline: Pipeline = "auto", force: Force = False, restart: Restart = False,
-          dry_run: DryRun = False, log_to: LogTo = None,
+          dry_run: DryRun = False, log_to: LogTo = None, nproc: Nproc = None,
           baseline: Annotated[str | None, typer.Option(
               "--baseline", metavar="KIND", help="multi-head | joint-head: train a "
                                                  "multi-dataset baseline instead of the teachers.")]
@@ -406,6 +585,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
       mlfd teach --workdir mlfd-runs/demo --import mnist-mini=./mnist-teacher.pth
     """
     from mlfd.data.pipeline import check_auto_augment
+    from mlfd.engine.distributed import is_main, on_main
     from mlfd.engine.progress import log
     from mlfd.stages import teach as run
     from mlfd.stages.baselines import KINDS, train_baseline
@@ -425,16 +605,17 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
     changed = _set_imports(ws, imports or [])
     if changed:
         names = [n for n in names if n in changed] if dataset else changed
+    _distribute(nproc, ws, opts, None, ("teach",), dry_run)
     if dry_run and baseline:
         return _dry_run(ws, opts, None, json_out, plan_baseline, baseline, arch, input_size,
                         force, restart)
     if dry_run:
         return _dry_run(ws, opts, None, json_out, plan_teach, names, force, restart)
     with _session(ws, opts):
-        if changed:
+        if changed and is_main():
             ws.record_imports(changed)  # the experiment now names these checkpoints
-        if baseline:
-            plan = plan_baseline(ws, baseline, arch, input_size, force, restart)
+        if baseline:  # under torchrun: rank 0 plans, every rank trains
+            plan = on_main(plan_baseline, ws, baseline, arch, input_size, force, restart)
             res = {}
             for s in plan.reused:
                 log(f"[teach] {s.target}: up to date (--force retrains)")
@@ -443,7 +624,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
                 res = train_baseline(ws, opts, baseline, arch, input_size)
             _emit(json_out, {"workdir": str(ws.root), "baseline": baseline, "metrics": res})
             return
-        plan, results = plan_teach(ws, names, force, restart), {}
+        plan, results = on_main(plan_teach, ws, names, force, restart), {}
         for s in plan.reused:
             log(f"[teach] {s.target}: up to date (--force retrains)")
         for s in plan.steps:
@@ -456,27 +637,36 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
 def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
           seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
           preset: Preset = None, dataset: Datasets = None, pipeline: Pipeline = "auto",
-          force: Force = False, restart: Restart = False, dry_run: DryRun = False):
+          force: Force = False, restart: Restart = False, dry_run: DryRun = False,
+          cache_uri: CacheUri = None, nproc: Nproc = None):
     """Cache teacher embeddings at L_K for all datasets; then joint targets if `fuse` ran.
 
     Missing, stale or corrupt groups are (re)written; an interrupted extraction resumes
-    at its last complete chunk.
+    at its last complete shard.
 
     Example: mlfd cache --workdir mlfd-runs/demo --levels 2
     """
+    from mlfd.engine.distributed import on_main
     from mlfd.stages import cache_targets, cache_teachers
     from mlfd.stages.fuse import joint_status
     from mlfd.stages.plan import plan_cache
 
     opts = _opts(device, pipeline, force=force, restart=restart)
     ws = _open(workdir, dataset, preset, None, None, seed, data_root, None, None, None, levels)
+    _set_cache_uri(ws, cache_uri)
     k = _levels(ws, levels)
+    _distribute(nproc, ws, opts, k, (), dry_run)
     if dry_run:
         return _dry_run(ws, opts, k, json_out, plan_cache, k, force)
-    with _session(ws, opts, k):
+
+    def extract():
         done = {"teachers": cache_teachers(ws, opts, k), "targets": []}
         if joint_status(ws, k).ok:
             done["targets"] = cache_targets(ws, opts, k)
+        return done
+
+    with _session(ws, opts, k):
+        done = on_main(extract)  # under torchrun rank 0 extracts, the others wait
     _emit(json_out, {"workdir": str(ws.root), "levels": k, "written": done})
 
 
@@ -485,13 +675,15 @@ def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto"
          seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
          preset: Preset = None, epochs: Epochs = None, batch_size: BatchSize = None,
          lr: Lr = None, force: Force = False, restart: Restart = False,
-         dry_run: DryRun = False, log_to: LogTo = None):
+         dry_run: DryRun = False, log_to: LogTo = None, cache_uri: CacheUri = None,
+         nproc: Nproc = None):
     """Train the joint teacher on the cached teacher embeddings of all datasets.
 
     An up-to-date joint teacher is kept (--force retrains); an interrupted run resumes.
 
     Example: mlfd fuse --workdir mlfd-runs/demo --levels 2 --epochs 10
     """
+    from mlfd.engine.distributed import on_main
     from mlfd.engine.progress import log
     from mlfd.stages import fuse as run
     from mlfd.stages.fuse import joint_status
@@ -499,11 +691,13 @@ def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto"
 
     opts = _opts(device, force=force, restart=restart, log=log_to)
     ws = _open(workdir, None, preset, None, None, seed, data_root, epochs, batch_size, lr, levels)
+    _set_cache_uri(ws, cache_uri)
     k = _levels(ws, levels)
+    _distribute(nproc, ws, opts, k, ("fuse",), dry_run)
     if dry_run:
         return _dry_run(ws, opts, k, json_out, plan_fuse, k, force, restart)
     with _session(ws, opts, k):
-        st = joint_status(ws, k)
+        st = on_main(joint_status, ws, k)  # under torchrun rank 0 decides for all
         if st.ok and not force:
             log(f"[fuse] joint teacher L{k}: up to date (--force retrains)")
             res = st.meta.get("metrics", {})
@@ -520,7 +714,13 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
             input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
             lr: Lr = None, pipeline: Pipeline = "auto", loss_backend: LossBackend = None,
             force: Force = False, restart: Restart = False, dry_run: DryRun = False,
-            log_to: LogTo = None):
+            log_to: LogTo = None, cache_uri: CacheUri = None, nproc: Nproc = None,
+            cache_memory: Annotated[str | None, typer.Option(
+                "--cache-memory", metavar="SIZE",
+                help="Memory for the joint targets, e.g. 4GiB, 512MiB, 1.5G (default: half "
+                     "the free memory; GPU memory too on CUDA). Bigger target caches are "
+                     "streamed in chunk-shuffled windows, which the student's fingerprint "
+                     "records.")] = None):
     """Distil students; first runs (and announces) any missing or stale teach/cache/fuse step.
 
     Up-to-date results are reused; the plan says why each step runs. Interrupted
@@ -531,15 +731,22 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
       mlfd distill --dataset all --levels 1 --workdir mlfd-runs/demo\n
       mlfd distill --teacher data/a.npz=resnet18 --teacher data/b=efficientnet_b0 --dataset a
     """
+    from mlfd.cache.stream import parse_size
     from mlfd.stages import plan_distill, run_distill
+    from mlfd.stages.distill import cache_budget
 
     opts = _opts(device, pipeline, loss_backend, force, restart, log_to)
+    if cache_memory is not None:
+        opts.cache_memory = parse_size(cache_memory)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
                lr, levels)
+    _set_cache_uri(ws, cache_uri)
     k = _levels(ws, levels)
     names = _names(ws, dataset)
+    _distribute(nproc, ws, opts, k, ("teach", "fuse", "distill"), dry_run)
     if dry_run:
-        return _dry_run(ws, opts, k, json_out, plan_distill, names, k, force, restart)
+        return _dry_run(ws, opts, k, json_out, plan_distill, names, k, force, restart,
+                        cache_budget(opts))
     with _session(ws, opts, k):
         steps = run_distill(ws, opts, names, k)
         rows, reports = _report(ws, opts)
@@ -549,7 +756,7 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
 
 @command("eval")
 def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot = None,
-          json_out: Json = False, pipeline: Pipeline = "auto"):
+          json_out: Json = False, pipeline: Pipeline = "auto", cache_uri: CacheUri = None):
     """Top-1/top-5 of every complete model and the paper-style comparison table.
 
     Incomplete, corrupt or stale results are listed with their status, never as results.
@@ -560,6 +767,7 @@ def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot 
 
     opts = _opts(device, pipeline)
     ws = _open(workdir, None, None, None, None, None, data_root, None, None, None, None)
+    _set_cache_uri(ws, cache_uri)
     set_read_only()  # eval takes no lock: it must not touch a running stage's files
     rows, reports = _report(ws, opts)
     _emit(json_out, {"workdir": str(ws.root), "rows": rows, "reports": reports}, rows)
@@ -816,44 +1024,74 @@ def info(json_out: Json = False):
 
 def main() -> None:
     """Exit codes: 0 ok, 1 internal error (a bug), 2 bad input or state, 3 filesystem,
-    4 workdir in use by another run, 130 interrupted."""
+    4 workdir in use by another run, 130 interrupted.
+
+    Under torchrun (or --nproc) every process runs this; see mlfd.engine.distributed."""
+    from mlfd.engine import distributed
     from mlfd.engine.metrics import set_tensorboard
     from mlfd.engine.staging import set_read_only
 
     usage_errors, no_args, aborts = _click_exceptions()
-    set_read_only(False)  # per command (tests run many in one process)
+    # per command (tests run many in one process); under torchrun only rank 0 may finish
+    # another run's promotion, as only it writes
+    set_read_only(not distributed.is_main())
     set_tensorboard(False)
     try:
+        if distributed.world() > 1:
+            verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+            if verb in ("list", "export", "clean", "info"):
+                raise MlfdError(f"mlfd {verb} runs in one process: start it without torchrun")
+        distributed.init()
         code = app(standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C into Exit(130)
             raise KeyboardInterrupt
+        distributed.shutdown()
         sys.exit(code if isinstance(code, int) else 0)
+    except _Exit as e:
+        sys.exit(e.code)
     except no_args as e:  # the rich help is printed while the error is made; plain is not
         if e.format_message():
             print(e.format_message())
         sys.exit(0)
     except usage_errors as e:  # usage errors: one line, like every other error
-        print(f"error: {e.format_message()}", file=sys.stderr)
+        _say(f"error: {e.format_message()}", 2)
         sys.exit(2)
     except MlfdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}", e.exit_code)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, *aborts):
         from mlfd.engine.staging import interrupt_note
 
         note = interrupt_note()
-        print("interrupted: finished results are kept"
-              + (f"; {note}" if note else ""), file=sys.stderr)
+        _say("interrupted: finished results are kept" + (f"; {note}" if note else ""), 130)
         sys.exit(130)
     except OSError as e:
-        print(f"error: {_os_error(e)}", file=sys.stderr)
+        _say(f"error: {_os_error(e)}", 3)
         sys.exit(3)
     except Exception as e:  # a bug, not bad input: one line unless asked for the traceback
+        if _lost_peer(e):
+            _say(f"error: another process of this torchrun run failed ({_first_line(e)})", 1,
+                 secondary=True)
+            sys.exit(1)
         if os.environ.get("MLFD_DEBUG"):
             raise
-        print(f"internal error: {e.__class__.__name__}: {e} (set MLFD_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        _say(f"internal error: {e.__class__.__name__}: {e} (set MLFD_DEBUG=1 for a traceback)",
+             1)
         sys.exit(1)
+
+
+def _lost_peer(e: Exception) -> bool:
+    """A collective that failed because another rank died: an echo of that rank's error."""
+    import torch.distributed as dist
+
+    from mlfd.engine.distributed import world
+
+    return world() > 1 and (isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and "by peer" in str(e)))
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
 
 
 def _click_exceptions() -> tuple[tuple, tuple, tuple]:

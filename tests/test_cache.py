@@ -25,15 +25,16 @@ def _write(path, fp, feats, labels, rows_per_append=7):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """64-byte chunks: a few rows each, so small arrays span many chunks."""
+    """64-byte chunks, two per shard: a few rows each, so small arrays span many shards."""
     monkeypatch.setattr(store, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(store, "SHARD_BYTES", 128)
 
 
 def _data(n=50, seed=0):
     rng = np.random.default_rng(seed)
-    return {"a": rng.standard_normal((n, 3)).astype(np.float32),  # 5 rows per chunk
-            "b": rng.standard_normal((n, 2, 2)).astype(np.float16),  # 8 rows per chunk
-            "labels": rng.integers(0, 10, n)}  # 8 rows per chunk
+    return {"a": rng.standard_normal((n, 3)).astype(np.float32),  # 5 rows/chunk, 10/shard
+            "b": rng.standard_normal((n, 2, 2)).astype(np.float16),  # 8 rows/chunk, 16/shard
+            "labels": rng.integers(0, 10, n)}  # 8 rows per chunk, 16 per shard
 
 
 def _spec(d):
@@ -65,12 +66,17 @@ def test_round_trip_fp16_blosc_and_crc32c(tmp_path):
     import zarr
 
     arr = zarr.open_group(str(g.path), mode="r")["feat"]
-    # ~1 MiB chunks along the sample axis; Blosc/Zstd with byte shuffle, then a crc32c.
+    # ~1 MiB inner chunks along the sample axis, in one shard (the array is < 64 MiB);
+    # inside the shard Blosc/Zstd with byte shuffle, then a crc32c per chunk.
     row = 2 * 8 * 3 * 3 * 2
     assert arr.chunks[0] == min(1000, (1 << 20) // row) and arr.chunks[1:] == feats.shape[1:]
-    names = [c.to_dict()["name"] for c in arr.metadata.codecs]
-    assert names[-1] == "crc32c" and "blosc" in names
-    codec = arr.metadata.codecs[names.index("blosc")].to_dict()
+    assert arr.shards == (arr.chunks[0] * -(-1000 // arr.chunks[0]), *feats.shape[1:])
+    assert [c.to_dict()["name"] for c in arr.metadata.codecs] == ["sharding_indexed"]
+    inner = arr.metadata.codecs[0].to_dict()["configuration"]
+    names = [c["name"] for c in inner["codecs"]]
+    assert names == ["bytes", "blosc", "crc32c"]
+    assert [c["name"] for c in inner["index_codecs"]] == ["bytes", "crc32c"]
+    codec = inner["codecs"][1]
     assert codec["configuration"]["cname"] == "zstd"
     assert codec["configuration"]["shuffle"] == "shuffle"
     # Promoted: nothing staged is left beside it, nor resume state inside it.
@@ -121,11 +127,13 @@ def test_groups_of_the_old_layout_are_rebuilt(tmp_path):
     with pytest.raises(StaleCacheError, match="incomplete"):
         g.check()
     z.attrs["complete"] = True  # complete, but without manifest or chunk checksums
-    assert (g.status(), g.reason()) == ("stale", "stale: cache format 1 → 2")
+    assert (g.status(), g.reason()) == ("stale", "stale: cache format 1 → 3")
+    z.attrs["format"] = 2  # unsharded: one file per chunk
+    assert (g.status(), g.reason()) == ("stale", "stale: cache format 2 → 3")
 
 
 def _chunk(g):
-    return g.path / "a" / "c" / "3" / "0"  # rows 15..19: a chunk in the middle
+    return g.path / "a" / "c" / "3" / "0"  # rows 30..39: a shard in the middle
 
 
 def _flip16(p):
@@ -193,7 +201,7 @@ def test_chunk_checksum_catches_what_the_manifest_misses(tmp_path, small_chunks,
     np.testing.assert_array_equal(g.load(["b"])["b"], d["b"])  # undamaged arrays still load
 
 
-def test_killed_extraction_resumes_from_whole_chunks(tmp_path, small_chunks):
+def test_killed_extraction_resumes_from_whole_shards(tmp_path, small_chunks):
     d = _data()
     fp = {"x": 1}
     one_shot = CacheGroup(tmp_path / "one", fp)
@@ -214,7 +222,7 @@ def test_killed_extraction_resumes_from_whole_chunks(tmp_path, small_chunks):
     torn.write_bytes(b"torn by the kill")
 
     w = g.begin(_spec(d))
-    # Durable rows stop at the last whole chunk: a 5 rows/chunk, b 8, labels all in.
+    # Durable rows stop at the last whole shard: a 10 rows/shard, b 16, labels all in.
     assert {k: w.cursor(k) for k in d} == {"a": 20, "b": 16, "labels": 50}
     start = min(w.cursor("a"), w.cursor("b"))
     _feed(w, d, start)
@@ -223,7 +231,7 @@ def test_killed_extraction_resumes_from_whole_chunks(tmp_path, small_chunks):
     for k in d:
         np.testing.assert_array_equal(out[k], ref[k])
         np.testing.assert_array_equal(out[k], d[k])
-    assert (g.path / "a" / "c" / "0" / "0").stat().st_ino == inode  # durable chunk not rewritten
+    assert (g.path / "a" / "c" / "0" / "0").stat().st_ino == inode  # durable shard not rewritten
     assert g.status() == "ok" and not g.staging.exists()
 
 

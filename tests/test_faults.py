@@ -288,8 +288,8 @@ def test_damaged_cache_is_detected_and_rebuilt(ws, capsys, damage):
     assert _plan(ws).steps == []  # same values, same fingerprint: nothing downstream is redone
 
 
-def test_cache_extraction_resumes_at_chunk(ws, capsys, monkeypatch):
-    """An interrupted extraction continues from its last whole chunk, with equal values."""
+def test_cache_extraction_resumes_at_shard(ws, capsys, monkeypatch):
+    """An interrupted extraction continues from its last whole shard, with equal values."""
     import zarr
 
     import mlfd.cache.store as store
@@ -297,6 +297,7 @@ def test_cache_extraction_resumes_at_chunk(ws, capsys, monkeypatch):
     g = ws / "cache/teachers-L2.zarr/alpha/train"
     before = zarr.open_group(str(g), mode="r")["alpha"][...]
     monkeypatch.setattr(store, "CHUNK_BYTES", 4096)  # several chunks even for tiny data
+    monkeypatch.setattr(store, "SHARD_BYTES", 8192)  # and several shards of two chunks
     edit_experiment(ws, "cache", batch_size=16)  # and several batches per group
     calls = {"n": 0}
     original = store.CacheWriter.append
@@ -310,7 +311,7 @@ def test_cache_extraction_resumes_at_chunk(ws, capsys, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(store.CacheWriter, "append", append)
         code, _, err = run(capsys, "cache", "--workdir", ws, "--levels", 2, "--force", *LOCAL)
-    assert code == 130 and "resumes its extraction at the last complete chunk" in err
+    assert code == 130 and "resumes its extraction at the last complete shard" in err
     assert CacheGroup(g, {}).status() != "missing"  # the finished group is still there
     seen = {}
     original_begin = store.CacheGroup.begin

@@ -53,3 +53,52 @@ def train_order(
         u = counter_uniform(seed, perm, np.full_like(perm, epoch), _VIEW_CHOICE_STREAM)
         view = np.minimum((u * V).astype(np.int64), V - 1)
     return np.stack([perm, view], axis=1)
+
+
+# Seeds the chunk shuffle apart from train_order's permutation of the same (seed, epoch).
+_CHUNK_SHUFFLE_STREAM = 102
+
+
+def chunk_order(
+    n: int,
+    epoch: int,
+    seed: int,
+    views: int,
+    chunk_rows: int,
+    window: int,
+    rank: int = 0,
+    world: int = 1,
+) -> np.ndarray:
+    """A chunk-shuffled epoch for caches too big for memory: read in windows, not rows.
+
+    The samples fall in chunks of ``chunk_rows`` consecutive indices (the cache's chunk
+    rows). The chunks are shuffled, taken ``window`` at a time, and the rows of each
+    window shuffled together: a reader decodes each window's chunks once, and a batch
+    still mixes ``window`` chunks from anywhere in the data (class-sorted data included).
+    The view of each sample is train_order's for an int V (same counter stream), so a
+    sample sees the same cached view in either order.
+
+    Ranks take contiguous, disjoint slices of the epoch's window-major sequence that
+    together cover every sample: each rank reads its own windows, sharing at most the one
+    window split at each slice boundary. Slice sizes differ by at most one, the first
+    ``n % world`` ranks taking one row more, exactly as train_order's ``rank::world`` split
+    does, so whatever DDP does to equalise the step counts of one applies to the other.
+    """
+    if chunk_rows < 1 or window < 1:
+        raise ValueError(f"chunk_rows and window must be >= 1, got {chunk_rows} and {window}")
+    rng = np.random.default_rng([seed, epoch, _CHUNK_SHUFFLE_STREAM])
+    n_chunks = -(-n // chunk_rows)
+    position = np.empty(n_chunks, dtype=np.int64)  # where each chunk falls in the shuffle
+    position[rng.permutation(n_chunks)] = np.arange(n_chunks)
+    window_of = position[np.arange(n, dtype=np.int64) // chunk_rows] // window
+    # window-major, random within a window (lexsort: the last key is the primary one)
+    perm = np.lexsort((rng.random(n), window_of)).astype(np.int64)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world size {world}")
+    q, r = divmod(n, world)
+    start = rank * q + min(rank, r)
+    perm = perm[start:start + q + (rank < r)]
+    V = int(views)
+    u = counter_uniform(seed, perm, np.full_like(perm, epoch), _VIEW_CHOICE_STREAM)
+    view = np.minimum((u * V).astype(np.int64), V - 1)
+    return np.stack([perm, view], axis=1)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import load_meta_safe, save_checkpoint, verify_checkpoint
 from .fingerprint import changes, digest
 from .metrics import MetricsLog
@@ -116,8 +117,11 @@ class TrainRun:
     def begin(self, model, opt, sched) -> tuple[int, dict | None, list[dict]]:
         """(epochs already done, best row, history): resumed when a staged run matches."""
         art = self.artifact
-        art.recover()
-        done = 0 if self.restart else art.resumable_epoch(self.fingerprint)
+        # Under torchrun rank 0 decides and writes; every rank loads its resume state.
+        if distributed.is_main():
+            art.recover()
+        done = distributed.on_main(
+            lambda: 0 if self.restart else art.resumable_epoch(self.fingerprint))
         if done:
             state = torch.load(art.staging / RESUME_FILE, map_location="cpu", weights_only=False)
             done = int(state["epoch"])
@@ -126,18 +130,23 @@ class TrainRun:
             sched.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             best, history = state["best"], state["history"]
-            self.metrics = MetricsLog(art.staging / "metrics.jsonl", fresh=False)
-            self.metrics.keep_epochs(done)  # rows after the last checkpoint are dropped
+            if distributed.is_main():
+                self.metrics = MetricsLog(art.staging / "metrics.jsonl", fresh=False)
+                self.metrics.keep_epochs(done)  # rows after the last checkpoint are dropped
         else:
-            if art.staging.exists():
-                shutil.rmtree(art.staging)
-            art.staging.mkdir(parents=True)
+            if distributed.is_main():
+                if art.staging.exists():
+                    shutil.rmtree(art.staging)
+                art.staging.mkdir(parents=True)
+                self.metrics = MetricsLog(art.staging / "metrics.jsonl")
             best, history = None, []
-            self.metrics = MetricsLog(art.staging / "metrics.jsonl")
+        distributed.barrier()  # every rank has read the state rank 0 overwrites at epoch end
         return done, best, history
 
     def end_epoch(self, epoch: int, epochs: int, row: dict, improved: bool, model, opt, sched,
                   best: dict, history: list[dict]) -> None:
+        if not distributed.is_main():
+            return
         meta = dict(self.meta, epoch=epoch, epochs=epochs, metrics=row, complete=epoch == epochs)
         # Order matters for a kill at any point: the metrics row first (dropped again on
         # resume if the state below is older), then the resume state and its info (which
@@ -162,7 +171,9 @@ class TrainRun:
                            "same command again to resume (--restart to start over)")
 
     def finish(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()  # TensorBoard's event file, before its directory moves
-        self.artifact.promote(drop=(RESUME_FILE, RESUME_INFO))
+        if distributed.is_main():
+            if self.metrics is not None:
+                self.metrics.close()  # TensorBoard's event file, before its directory moves
+            self.artifact.promote(drop=(RESUME_FILE, RESUME_INFO))
+        distributed.barrier()  # the promoted result is there for whatever reads it next
         set_interrupt_note(None)

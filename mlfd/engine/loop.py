@@ -13,9 +13,24 @@ import numpy as np
 import torch
 
 from ..errors import MlfdError
+from . import distributed
 from .artifact import TrainRun
 from .optim import build_optimizer, build_scheduler
 from .progress import log, progress
+
+
+def _rank_seed(base: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([base, epoch, rank]).generate_state(1)[0])
+
+
+def _reduce_sums(seen: int, sums: dict) -> tuple[int, dict]:
+    """Items and loss sums of the epoch over all ranks (the same keys on every rank: rank
+    0's, which has at least as many samples as any other)."""
+    if distributed.world() == 1:
+        return seen, sums
+    keys = distributed.broadcast_object(list(sums))
+    values = distributed.all_reduce_sum([seen, *(float(sums.get(k, 0.0)) for k in keys)])
+    return int(values[0]), dict(zip(keys, values[1:]))
 
 
 def seed_everything(seed: int) -> None:
@@ -58,11 +73,21 @@ def fit(
     Resumes a staged run of the same fingerprint (``run.begin``). After each epoch,
     ``evaluate()`` gives metrics and ``run.end_epoch`` checkpoints everything needed to
     resume; after the last one the result is promoted over the previous complete one.
+
+    Under torchrun every rank calls this with its share of each global micro-batch
+    (``batches`` shards by rank; ``steps_per_epoch`` counts global steps, and a rank whose
+    share of the last one is empty sits it out). Gradients are summed over the ranks before
+    each optimiser step, each rank's loss weighted by its share of the global micro-batch:
+    the update is the one process's. Metrics are reduced over the ranks, BatchNorm
+    statistics averaged before evaluating, and only rank 0 writes (TrainRun).
     """
     accum = getattr(cfg, "grad_accum", 1)
+    W = distributed.world()
     opt = build_optimizer(model.parameters(), cfg)
     sched = build_scheduler(opt, cfg, -(-steps_per_epoch // accum))
+    base_seed = torch.initial_seed()  # the stage's seed (seed_everything)
     start, best, history = run.begin(model, opt, sched)
+    distributed.broadcast_module(model)
     last = history[-1] if history else None
     if start:
         log(f"{title}: resuming after epoch {start}/{cfg.epochs} from {run.dir}")
@@ -72,22 +97,47 @@ def fit(
     with progress() as prog:
         ep_task = prog.add_task(f"{title} epochs", total=cfg.epochs, completed=start, items=0,
                                 info="", unit="img")
-        done_items = 0  # images trained in this process: the outer bar's rate
+        done_items = 0  # images trained in this run (all ranks): the outer bar's rate
         for epoch in range(start, cfg.epochs):
+            if W > 1:
+                # Dropout and drop-path draw from torch's global RNG: each rank its own
+                # stream (views are counter-based and need none). Results then match one
+                # process within noise, not bitwise; reseeding per epoch also makes a
+                # resumed run repeat the uninterrupted one.
+                torch.manual_seed(_rank_seed(base_seed, epoch, distributed.rank()))
             model.train()
             task = prog.add_task(f"  epoch {epoch + 1}", total=steps_per_epoch, items=0, info="",
                                  unit="img")
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             seen, t0 = 0, time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            for i, batch in enumerate(batches(epoch)):
-                with autocast(device):
-                    loss, terms, n = step(batch)
-                (loss / accum if accum > 1 else loss).backward()
+            it = iter(batches(epoch))
+            for i in range(steps_per_epoch):
+                batch = next(it, None)
+                if batch is None and W == 1:
+                    break
+                if batch is not None:
+                    with autocast(device):
+                        loss, terms, n = step(batch)
+                else:  # this rank's share of the epoch's last global batch is empty
+                    loss, terms, n = None, {}, 0
+                if W > 1:
+                    # Weight by this rank's share of the global micro-batch: the summed
+                    # gradients are then the global batch's mean, even when the last batch
+                    # splits unevenly (the same gradient as one process).
+                    total = distributed.all_reduce_sum([n])[0]
+                    scaled = None if loss is None else loss * (n / total)
+                else:
+                    scaled = loss
+                if scaled is not None:
+                    (scaled / accum if accum > 1 else scaled).backward()
                 if (i + 1) % accum == 0 or i == steps_per_epoch - 1:
+                    distributed.sum_gradients(model)
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
+                if loss is None:
+                    continue
                 seen += n
                 for k, v in {"loss": loss.detach(), **terms}.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() * n
@@ -96,14 +146,18 @@ def fit(
                     if not math.isfinite(value):
                         raise MlfdError(f"{title}: loss became {value} at epoch {epoch + 1}; "
                                         "lower --lr")
-                    prog.update(task, completed=i + 1, items=seen, info=f"loss {value:.3f}")
+                    prog.update(task, completed=i + 1, items=seen * W, info=f"loss {value:.3f}")
                     prog.update(ep_task, completed=epoch + (i + 1) / steps_per_epoch,
-                                items=done_items + seen)
+                                items=done_items + seen * W)
+            if hasattr(it, "close"):  # a generator's cleanup (reader threads) runs now
+                it.close()
             prog.remove_task(task)
             train_time = time.perf_counter() - t0
+            seen, sums = _reduce_sums(seen, sums)
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                    "train_images_per_s": seen / max(train_time, 1e-9),
                    **{f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()}}
+            distributed.sync_buffers(model)  # every rank evaluates and saves the same model
             model.eval()
             with torch.no_grad(), autocast(device):
                 row.update(evaluate())

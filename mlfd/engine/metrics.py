@@ -44,6 +44,20 @@ class Accuracy:
             self.hits[k] += v
         self.n += labels.shape[0]
 
+    def reduce(self) -> Accuracy:
+        """Counts over every torchrun rank, each of which saw its shard of the test split
+        (no-op in one process): every rank then has the same result."""
+        from .distributed import all_reduce, world
+
+        if world() == 1:
+            return self
+        n, h1, h5 = all_reduce([self.n, self.hits[1], self.hits[5]])
+        self.n, self.hits = int(n), {1: int(h1), 5: int(h5)}
+        # a rank with an empty shard saw no logits: the others know the class count
+        c = all_reduce([self.num_classes or 2**31], "min")[0]
+        self.num_classes = None if c >= 2**31 else int(c)
+        return self
+
     def result(self) -> dict[str, float | int | None]:
         n = max(self.n, 1)
         few = self.num_classes is not None and self.num_classes < TOP5_MIN_CLASSES

@@ -1,4 +1,5 @@
-"""Rich progress bars on stderr with throughput; quiet when MLFD_NO_PROGRESS is set."""
+"""Rich progress bars on stderr with throughput; quiet when MLFD_NO_PROGRESS is set, and on
+every torchrun rank but 0."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+from .distributed import is_main
 
 console = Console(stderr=True)
 
@@ -48,7 +51,8 @@ class NameColumn(ProgressColumn):
 def progress(out: Console | None = None, get_time=None) -> Progress:
     """Bars of at most 80 columns: name, bar, done/total, items/s, info, ETA. Outer bars
     advance fractionally within an epoch, so their ETA is known from the first updates."""
-    disabled = bool(os.environ.get("MLFD_NO_PROGRESS")) or not sys.stderr.isatty()
+    disabled = bool(os.environ.get("MLFD_NO_PROGRESS")) or not sys.stderr.isatty() \
+        or not is_main()  # under torchrun only rank 0 shows bars
     kw = {"get_time": get_time} if get_time is not None else {}
     return Progress(
         NameColumn(), BarColumn(bar_width=12), MofNCompleteColumn(), RateColumn(),
@@ -58,4 +62,6 @@ def progress(out: Console | None = None, get_time=None) -> Progress:
 
 
 def log(msg: str) -> None:
+    if not is_main():  # under torchrun rank 0 speaks for every rank
+        return
     console.print(msg, highlight=False, markup=False, soft_wrap=True)

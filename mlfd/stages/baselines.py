@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..data.pipeline import InputSpec
 from ..data.sampling import train_order
 from ..engine.artifact import TrainRun
+from ..engine.distributed import rank, world
 from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
@@ -24,7 +25,14 @@ from ..errors import MlfdError
 from ..models import create_backbone
 from ..models.backbone import apply_init
 from ..workspace import Workspace
-from .common import RunOptions, base_meta, dataset_of, evaluate_images, pipeline_for
+from .common import (
+    RunOptions,
+    base_meta,
+    dataset_of,
+    evaluate_images,
+    pipeline_for,
+    rank_batch,
+)
 
 KINDS = ("multi-head", "joint-head")
 
@@ -114,8 +122,10 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
             reps = -(-steps * cfg.micro_batch // n)  # smaller datasets cycle
             order = torch.cat([torch.from_numpy(train_order(n, epoch * 97 + r, exp.seed, "fresh"))
                                for r in range(reps)]).numpy()[: steps * cfg.micro_batch]
+            # this rank's share of every global batch (steps * micro_batch splits evenly)
+            order = order[rank()::world()]
             iters.append(iter(pipeline_for(ws, opts, name, "train", specs[i], order,
-                                           cfg.micro_batch, cfg.auto_augment)))
+                                           rank_batch(cfg), cfg.auto_augment)))
         for _ in range(steps):
             yield [next(it) for it in iters]
 

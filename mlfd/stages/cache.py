@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..cache import CacheGroup, digest
+from ..cache.store import join
 from ..data.sampling import eval_order
 from ..engine.checkpoint import load_meta, load_meta_safe
 from ..engine.progress import log, progress
@@ -47,28 +48,49 @@ def embedding_fingerprint(ws: Workspace, levels: int, data_name: str, split: str
         "dataset_fingerprint": dataset_of(ws, data_name).fingerprint(), "split": split,
         "views": _views(ws, split), "view_seed": ws.exp.seed,
         "view_config": {"hflip": ws.exp.entry(data_name).hflip},
-        "dtype": ws.exp.cache.dtype, "teachers": digest(teachers),
+        **_storage(ws), "teachers": digest(teachers),
         # only when set: caches made without AutoAugment keep their fingerprint
         **({"auto_augment": p} if (p := view_augment(ws, data_name, split)) else {}),
     }
 
 
+def _storage(ws: Workspace) -> dict:
+    """How values are stored: in the fingerprints, so a change rebuilds the caches. Where
+    they are stored (cache.uri) is not: a moved cache is the same cache."""
+    c = ws.exp.cache
+    return {"dtype": c.dtype, "codec": c.codec, "clevel": c.clevel}
+
+
+# Lossless storage choices: they rebuild a cache, never what is computed from its values.
+_LOSSLESS = ("codec", "clevel")
+
+
+def content_digest(fingerprint: dict) -> str:
+    """Digest of what a cache's values depend on (dtype included: it rounds), for the
+    fingerprints of models trained from them: recompressing a cache retrains nothing."""
+    return digest({k: v for k, v in fingerprint.items() if k not in _LOSSLESS})
+
+
+def _group(ws: Workspace, location, fingerprint: dict) -> CacheGroup:
+    return CacheGroup(location, fingerprint, codec=ws.exp.cache.codec, clevel=ws.exp.cache.clevel)
+
+
 def teacher_group(ws: Workspace, levels: int, data_name: str, split: str) -> CacheGroup:
-    return CacheGroup(ws.teacher_cache(levels) / data_name / split,
-                      embedding_fingerprint(ws, levels, data_name, split))
+    return _group(ws, join(ws.teacher_cache(levels), data_name, split),
+                  embedding_fingerprint(ws, levels, data_name, split))
 
 
 def target_fingerprint(ws: Workspace, levels: int, data_name: str) -> dict:
     stem = ws.joint_dir(levels) / "last"
     sha = (load_meta_safe(stem) or {}).get("sha256")
     return {"kind": "joint-targets", "level": levels, "dataset": data_name, "split": "train",
-            "joint_sha256": sha, "teacher_cache": digest(embedding_fingerprint(
-                ws, levels, data_name, "train")), "dtype": ws.exp.cache.dtype}
+            "joint_sha256": sha, "teacher_cache": content_digest(embedding_fingerprint(
+                ws, levels, data_name, "train")), **_storage(ws)}
 
 
 def target_group(ws: Workspace, levels: int, data_name: str) -> CacheGroup:
-    return CacheGroup(ws.target_cache(levels) / data_name / "train",
-                      target_fingerprint(ws, levels, data_name))
+    return _group(ws, join(ws.target_cache(levels), data_name, "train"),
+                  target_fingerprint(ws, levels, data_name))
 
 
 def check_levels(ws: Workspace, levels: int) -> list[list[tuple[int, ...]]]:
@@ -111,7 +133,7 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
             writer.append("labels", np.asarray(data.labels, dtype=np.int64), start=0)
             batch = max(V, bs // V * V)  # whole samples per batch: rows reshape to (b, V, ...)
             for t, e in zip(teachers, ws.exp.datasets):
-                start = writer.cursor(e.name)  # resume an interrupted extraction at its chunk
+                start = writer.cursor(e.name)  # resume an interrupted extraction at its shard
                 if start == len(data):
                     continue
                 order = eval_order(len(data), V)[start * V:]
@@ -136,9 +158,11 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
 
 
 def load_teacher_inputs(ws: Workspace, levels: int, data_name: str, split: str):
-    """(list of per-teacher arrays (N, V, ...), labels (N,)) from a checked cache group."""
-    arrays = teacher_group(ws, levels, data_name, split).load()
-    return [arrays[e.name] for e in ws.exp.datasets], arrays["labels"]
+    """(list of per-teacher CPU tensors (N, V, ...) in the cache's dtype, labels (N,) as
+    numpy) from a checked cache group; index them with index tensors."""
+    group = teacher_group(ws, levels, data_name, split)
+    arrays = group.tensors(group.load())
+    return [arrays[e.name] for e in ws.exp.datasets], arrays["labels"].numpy()
 
 
 def load_joint(ws: Workspace, levels: int, device: torch.device) -> tuple[JointTeacher, dict]:
@@ -162,10 +186,10 @@ def build_joint(ws: Workspace, teacher_shapes, levels: int) -> JointTeacher:
                         cfg.width, cfg.embed_dim, cfg.dropout)
 
 
-def joint_forward_cached(joint: JointTeacher, feats: list[np.ndarray], rows: np.ndarray,
+def joint_forward_cached(joint: JointTeacher, feats: list[torch.Tensor], rows: np.ndarray,
                          views: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-    x = [torch.from_numpy(np.ascontiguousarray(f[rows, views])).to(device).float() for f in feats]
-    return joint(x)
+    r, v = torch.as_tensor(rows), torch.as_tensor(views)
+    return joint([f[r, v].to(device).float() for f in feats])
 
 
 @torch.no_grad()

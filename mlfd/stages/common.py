@@ -13,6 +13,7 @@ from ..data.registry import Dataset, get_dataset
 from ..data.sampling import eval_order
 from ..data.views import ViewConfig
 from ..engine.checkpoint import load_into, load_meta
+from ..engine.distributed import rank, world
 from ..engine.metrics import Accuracy
 from ..errors import MlfdError
 from ..models import build_level_backbone
@@ -31,6 +32,9 @@ class RunOptions:
     # "tensorboard": training runs also write TensorBoard event files into their directory
     # (applied per process with mlfd.engine.metrics.set_tensorboard, as the CLI does).
     log: str | None = None
+    # distill: bytes of decoded targets to hold in memory; bigger caches are streamed
+    # (None: half the free memory, see stages.distill.cache_budget)
+    cache_memory: int | None = None
 
 
 _DATASETS: dict[tuple[str, str | None], Dataset] = {}
@@ -105,13 +109,24 @@ def load_teacher(ws: Workspace, name: str, device: torch.device):
 @torch.no_grad()
 def evaluate_images(ws: Workspace, opts: RunOptions, data_name: str, spec: InputSpec,
                     logits_fn, batch_size: int = 256) -> dict:
-    """Top-1/top-5 on the clean view of the test split."""
+    """Top-1/top-5 on the clean view of the test split (under torchrun: each rank its
+    shard, counts summed, so every rank must call it)."""
     from ..engine.loop import autocast
 
     ds = dataset_of(ws, data_name)
     test = ds.load("test")
     acc = Accuracy()
-    for b in pipeline_for(ws, opts, data_name, "test", spec, eval_order(len(test)), batch_size):
+    order = eval_order(len(test), 1, rank(), world())
+    for b in pipeline_for(ws, opts, data_name, "test", spec, order, batch_size):
         with autocast(opts.device):
             acc.update(logits_fn(b.images).float(), b.labels)
-    return acc.result()
+    return acc.reduce().result()
+
+
+def rank_batch(cfg) -> int:
+    """This process's share of a global micro-batch: the global batch stays the
+    experiment's whatever the number of torchrun processes (the CLI checks it divides)."""
+    if cfg.micro_batch % world():
+        raise MlfdError(f"a micro-batch of {cfg.micro_batch} does not split over {world()} "
+                        "processes: use a batch size divisible by the process count")
+    return cfg.micro_batch // world()

@@ -52,7 +52,7 @@ def joint_accuracy(ws: Workspace, opts: RunOptions, levels: int) -> dict[str, di
         acc = Accuracy()
         for s in range(0, len(labels), 1024):
             idx = np.arange(s, min(len(labels), s + 1024))
-            x = [torch.from_numpy(f[idx, 0]).to(opts.device).float() for f in feats]
+            x = [f[torch.from_numpy(idx), 0].to(opts.device).float() for f in feats]
             acc.update(joint.logits(joint(x)[0], d).float(),
                        torch.from_numpy(labels[idx]).to(opts.device))
         out[name] = acc.result()

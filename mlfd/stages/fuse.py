@@ -11,22 +11,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.sampling import train_order
+from ..data.sampling import shard_indices, train_order
 from ..engine.artifact import Artifact, Status, TrainRun
-from ..engine.fingerprint import digest, flatten
+from ..engine.distributed import rank, world
+from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.metrics import Accuracy
 from ..engine.progress import log
 from ..models import level_shapes
 from ..models.backbone import apply_init
 from ..workspace import Workspace
-from .cache import build_joint, embedding_fingerprint, joint_forward_cached, load_teacher_inputs
+from .cache import (
+    build_joint,
+    content_digest,
+    embedding_fingerprint,
+    joint_forward_cached,
+    load_teacher_inputs,
+)
 from .common import RunOptions, base_meta, dataset_of, load_teacher
 
 
 def joint_fingerprint(ws: Workspace, levels: int) -> dict:
     """The joint teacher depends on its config, the seed and the cached teacher embeddings."""
-    inputs = {f"{n}/{s}": digest(embedding_fingerprint(ws, levels, n, s))
+    inputs = {f"{n}/{s}": content_digest(embedding_fingerprint(ws, levels, n, s))
               for n in ws.exp.names() for s in ("train", "test")}
     return flatten({"fuse": ws.exp.fuse, "seed": ws.exp.seed, "levels": levels,
                     "embeddings": inputs})
@@ -66,15 +73,17 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
         allrows = np.concatenate(parts)
         allrows = allrows[np.random.default_rng([ws.exp.seed, epoch, 7]).permutation(total)]
         for s in range(0, total, cfg.micro_batch):
-            yield allrows[s:s + cfg.micro_batch]
+            rows = allrows[s:s + cfg.micro_batch][rank()::world()]  # this rank's share
+            if len(rows):  # none: the last batch has fewer rows than there are ranks
+                yield rows
 
     def step(rows):
         # One forward over the whole mixed batch, so BatchNorm sees the same mixture in
         # training as when the targets are cached; then each sample's CE on its own head.
         parts = [rows[rows[:, 0] == d] for d in range(len(names))]
-        x = [torch.from_numpy(np.concatenate([train[d][0][t][p[:, 1], p[:, 2]]
-                                              for d, p in enumerate(parts)]))
-             .to(opts.device).float() for t in range(len(names))]
+        x = [torch.cat([train[d][0][t][torch.as_tensor(p[:, 1]), torch.as_tensor(p[:, 2])]
+                        for d, p in enumerate(parts)]).to(opts.device).float()
+             for t in range(len(names))]
         l1 = joint(x)[0]
         loss, start = torch.zeros((), device=opts.device), 0
         for d, p in enumerate(parts):
@@ -91,12 +100,13 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
         for d, n in enumerate(names):
             feats, labels = test[d]
             acc = Accuracy()
-            for s in range(0, len(labels), 1024):
-                idx = np.arange(s, min(len(labels), s + 1024))
+            shard = shard_indices(len(labels), rank(), world())  # summed by acc.reduce()
+            for s in range(0, len(shard), 1024):
+                idx = shard[s:s + 1024]
                 emb = joint_forward_cached(joint, feats, idx, np.zeros_like(idx), opts.device)
                 acc.update(joint.logits(emb[0], d).float(),
                            torch.from_numpy(labels[idx]).to(opts.device))
-            r = acc.result()
+            r = acc.reduce().result()
             row[f"{n}/top1"], row[f"{n}/top5"] = r["top1"], r["top5"]
             top1.append(r["top1"])
         row["top1"] = float(np.mean(top1))

@@ -8,9 +8,11 @@ redone stage is redone too; the plan names why ("stale: teach.lr 0.002 → 0.001
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..engine.artifact import Artifact
+from ..engine.distributed import barrier, on_main
 from ..engine.progress import log
 from ..workspace import Workspace
 from .baselines import baseline_dir, baseline_fingerprint
@@ -23,7 +25,7 @@ from .cache import (
     teacher_group,
 )
 from .common import RunOptions
-from .distill import distill, student_fingerprint
+from .distill import cache_budget, distill, student_fingerprint
 from .fuse import fuse, joint_fingerprint, joint_status
 from .teach import teach, teacher_fingerprint
 
@@ -108,8 +110,10 @@ def plan_cache(ws: Workspace, levels: int, force: bool = False) -> Plan:
 
 
 def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = False,
-                 restart: bool = False) -> Plan:
-    """Steps in order; a redone stage makes everything downstream of it stale too."""
+                 restart: bool = False, budget: int | None = None) -> Plan:
+    """Steps in order; a redone stage makes everything downstream of it stale too.
+    ``budget``: the run's target-cache memory (distill.cache_budget), which decides how a
+    student is fed its targets, hence its fingerprint."""
     plan = Plan()
 
     def add(verb, target, reason, redo):
@@ -146,7 +150,7 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
             add("distill", target, "upstream changes", True)
         else:
             _trained(plan, "distill", target, Artifact(ws.student_dir(n, levels)),
-                     student_fingerprint(ws, n, levels), force, restart)
+                     student_fingerprint(ws, n, levels, budget), force, restart)
     return plan
 
 
@@ -162,17 +166,22 @@ def announce(ws: Workspace, plan: Plan, write=log) -> None:
 def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int) -> list[Step]:
     """The one-liner: announce the plan, run each step, return what ran."""
     check_levels(ws, levels)
-    plan = plan_distill(ws, names, levels, opts.force, opts.restart)
+    # one budget for the plan and every student: free memory is read once (by rank 0
+    # under torchrun: it decides the students' fingerprints, which all ranks must share)
+    opts = dataclasses.replace(opts, cache_memory=on_main(cache_budget, opts))
+    # Under torchrun rank 0 plans (reading state only it may change) and tells the others.
+    plan = on_main(plan_distill, ws, names, levels, opts.force, opts.restart, opts.cache_memory)
     announce(ws, plan)
     for s in plan.steps:
         if s.verb == "teach":
             teach(ws, opts, s.target)
         elif s.verb == "cache" and s.target.startswith("teacher"):
-            cache_teachers(ws, opts, levels)
+            on_main(cache_teachers, ws, opts, levels)  # rank 0 extracts, the others wait
         elif s.verb == "fuse":
             fuse(ws, opts, levels)
         elif s.verb == "cache":
-            cache_targets(ws, opts, levels, names)
+            on_main(cache_targets, ws, opts, levels, names)
         else:
             distill(ws, opts, s.target.split()[0], levels)
+        barrier()  # what rank 0 wrote is there before any rank reads it in the next step
     return plan.steps

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..data.sampling import train_order
 from ..engine.artifact import Artifact, Status, TrainRun
 from ..engine.checkpoint import file_sha256, save_checkpoint
+from ..engine.distributed import barrier, is_main, rank, world
 from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
@@ -27,6 +28,7 @@ from .common import (
     input_spec,
     model_fingerprint,
     pipeline_for,
+    rank_batch,
 )
 
 
@@ -103,13 +105,15 @@ def import_teacher(ws: Workspace, opts: RunOptions, name: str) -> dict:
                      model_kwargs=entry.model_kwargs, mean=list(ds.mean), std=list(ds.std),
                      imported=entry.teacher, seed=ws.exp.seed, fingerprint=fingerprint,
                      epoch=0, epochs=0, metrics=row, complete=True)
-    art = Artifact(ws.teacher_dir(name))
-    art.recover()
-    if art.staging.exists():
-        shutil.rmtree(art.staging)
-    art.staging.mkdir(parents=True)
-    save_checkpoint(art.staging / "last", model.model.state_dict(), meta)
-    art.promote()
+    if is_main():  # under torchrun: every rank evaluated its shard, rank 0 writes
+        art = Artifact(ws.teacher_dir(name))
+        art.recover()
+        if art.staging.exists():
+            shutil.rmtree(art.staging)
+        art.staging.mkdir(parents=True)
+        save_checkpoint(art.staging / "last", model.model.state_dict(), meta)
+        art.promote()
+    barrier()
     return row
 
 
@@ -136,9 +140,9 @@ def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
                      drop_path_rate=entry.drop_path_rate, mean=list(ds.mean), std=list(ds.std),
                      train=vars(cfg).copy(), seed=ws.exp.seed)
 
-    def batches(epoch):
-        order = train_order(len(train), epoch, ws.exp.seed, "fresh")
-        return pipeline_for(ws, opts, name, "train", spec, order, cfg.micro_batch,
+    def batches(epoch):  # this rank's share of every global batch
+        order = train_order(len(train), epoch, ws.exp.seed, "fresh", rank(), world())
+        return pipeline_for(ws, opts, name, "train", spec, order, rank_batch(cfg),
                             cfg.auto_augment)
 
     def step(b):

@@ -1,0 +1,291 @@
+"""Streaming reads of a target cache too big for memory: windows of chunks, rows per batch.
+
+A pass visits (sample, view) pairs in a given order (best: ``chunk_order``, whose windows
+each touch a few chunks). The order is cut into windows, each touching at most
+``window`` chunks of ``chunk_rows`` samples; a background thread decodes a window's
+chunks once (contiguous chunk runs read as ``array[lo:hi]``) while the consumer gathers
+the rows of the current one into batches. At most ``prefetch + 1`` decoded windows are
+alive at a time. Any order is read correctly; a shuffled one just makes windows small.
+Small arrays (logits beside 7x7 feature maps) may be passed in whole as ``resident``:
+their large chunks would otherwise be decoded again by every window touching them.
+
+Also here: the memory budget that decides between this and whole arrays in memory
+(``parse_size``, ``format_size``, ``default_budget``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import CorruptArtifact, MlfdError
+from . import store
+from .store import DECODE_ERRORS
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``512MiB``, ``4GiB``, ``1.5G``, ``2GB`` or ``1000000``: K/M/G/T and
+    KiB/MiB/... are powers of 1024, KB/MB/GB/TB powers of 1000. One-line MlfdError if bad."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)\s*", str(text).lower())
+    # "KiB" and "Ki" are binary; "KB" is decimal; "K" alone is binary, as in `free -h`
+    unit = m and (m.group(2) + ("b" if m.group(4) and not m.group(3) and m.group(2) else ""))
+    value = float(m.group(1)) * _UNITS[unit] if m else 0
+    if not m or value < 1:
+        raise MlfdError(f"--cache-memory {text!r}: expected a size such as 512MiB, 4GiB, 1.5G "
+                        "or a number of bytes (at least 1)")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """``12.3 GiB``, ``512.0 KiB``, ``100 B``."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (reclaimable cache included); else free pages."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_budget(device: torch.device) -> int | None:
+    """Half the memory free now (None: unknown, keep targets in memory as before).
+
+    On CUDA the targets live on the GPU but are first read whole into host memory, so the
+    budget is half of the smaller of the two."""
+    host = available_host_memory()
+    budget = None if host is None else host // 2
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = free // 2 if budget is None else min(budget, free // 2)
+    return budget
+
+
+def iter_windows(index: np.ndarray, chunk_rows: int, window: int) -> Iterator[tuple[int, int]]:
+    """Cut an order's sample indices into consecutive [start, stop) pieces, each touching at
+    most ``window`` chunks: greedy, so chunk_order's windows come out whole."""
+    seen, start = set(), 0
+    for pos, chunk in enumerate((np.asarray(index) // chunk_rows).tolist()):
+        if chunk not in seen:
+            if len(seen) == window:
+                yield start, pos
+                seen, start = set(), pos
+            seen.add(chunk)
+    if len(index):
+        yield start, len(index)
+
+
+def order_windows(index: np.ndarray, chunk_rows: int, window: int) -> list[tuple[int, int]]:
+    return list(iter_windows(index, chunk_rows, window))
+
+
+def gather_rows(values: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """``values[index, view]`` for (N, V, ...) values: one index_select over the flattened
+    (sample, view) axis, hundreds of times faster on CPU than two-tensor indexing."""
+    flat = values.reshape(-1, *values.shape[2:])
+    return flat.index_select(0, index * values.shape[1] + view)
+
+
+@dataclass
+class _Window:
+    start: int  # positions [start, stop) of the order
+    stop: int
+    data: dict[str, torch.Tensor]  # the window's chunk runs, concatenated: (rows, V, ...)
+    local: torch.Tensor  # row in ``data`` of each position's sample
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = object()
+
+
+def _default_hint(why: str) -> str:
+    return f"target cache: {why}; re-run `mlfd cache` (or `mlfd distill`) to rebuild it"
+
+
+class TargetStream:
+    """Batches of cached rows for an (M, 2) order of (sample, view) pairs.
+
+    Iterating yields, per consecutive ``batch_size`` slice of the order, a dict mapping each
+    name to a tensor of the rows ``array[sample, view]`` in the order's order, on
+    ``device`` (via pinned memory on CUDA). ``zgroup`` is a read-only zarr group, e.g.
+    ``CacheGroup.open_read()``; names in ``resident`` (whole (N, V, ...) tensors on the host)
+    are gathered from those instead. ``hint`` turns "corrupt: ..." into the one-line
+    message of the CorruptArtifact raised when a chunk fails to decode. ``readers`` threads
+    (default: up to 4) read a window's chunk runs concurrently. Stopping early (break, an
+    error, garbage collection of the iterator) stops and joins the reader threads.
+    """
+
+    def __init__(self, zgroup, names: list[str], order: np.ndarray, batch_size: int, *,
+                 chunk_rows: int, window: int, device: torch.device | str = "cpu",
+                 prefetch: int = 1, hint: Callable[[str], str] | None = None,
+                 resident: dict[str, torch.Tensor] | None = None, readers: int | None = None):
+        if not names or batch_size < 1 or chunk_rows < 1 or window < 1 or prefetch < 0:
+            raise ValueError("names must be given, batch_size, chunk_rows and window >= 1, "
+                             "prefetch >= 0")
+        self.resident = {k: v for k, v in (resident or {}).items() if k in names}
+        self.arrays = {k: zgroup[k] for k in names if k not in self.resident}
+        spec = dict(zgroup.attrs).get("arrays") or {}
+        # the dtype the values stand for (bfloat16 may be stored as uint16)
+        self.logical = {k: (spec.get(k) or [None, None])[1] for k in self.arrays}
+        self.names = list(names)
+        self.n = int(next(iter({**self.arrays, **self.resident}.values())).shape[0])
+        self.readers = readers or min(4, os.cpu_count() or 1)
+        self.order = np.asarray(order, dtype=np.int64).reshape(-1, 2)
+        self.batch_size, self.chunk_rows, self.window = batch_size, chunk_rows, window
+        self.prefetch = prefetch
+        self.device = torch.device(device)
+        self.hint = hint or _default_hint
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # cut lazily in the reader thread: the first window is read as soon as it is known
+        bounds = iter_windows(self.order[:, 0], self.chunk_rows, self.window)
+        q: queue.Queue = queue.Queue()  # bounded by ``slots``: one slot per live window
+        slots, stop = threading.Semaphore(self.prefetch + 1), threading.Event()
+        thread = threading.Thread(target=self._produce, args=(bounds, q, slots, stop),
+                                  name="mlfd-target-stream", daemon=True)
+        thread.start()
+        cur: _Window | None = None
+        try:
+            for b0 in range(0, len(self.order), self.batch_size):
+                b1 = min(len(self.order), b0 + self.batch_size)
+                parts, s = [], b0
+                while s < b1:  # a batch may straddle two windows
+                    if cur is None or s >= cur.stop:
+                        if cur is not None:
+                            cur = None
+                            slots.release()
+                        cur = self._next(q, thread)
+                    e = min(b1, cur.stop)
+                    parts.append(self._gather(cur, s, e))
+                    s = e
+                batch = parts[0] if len(parts) == 1 else {
+                    k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                if self.resident:
+                    idx = torch.from_numpy(self.order[b0:b1, 0])
+                    view = torch.from_numpy(self.order[b0:b1, 1])
+                    batch.update({k: gather_rows(v, idx, view) for k, v in self.resident.items()})
+                yield {k: self._move(batch[k]) for k in self.names}
+        finally:
+            stop.set()
+            cur = None
+            thread.join()
+
+    @staticmethod
+    def _next(q: queue.Queue, thread: threading.Thread) -> _Window:
+        while True:
+            try:
+                item = q.get(timeout=1.0)
+            except queue.Empty:
+                if not thread.is_alive() and q.empty():
+                    raise RuntimeError("target stream reader ended without a result") from None
+                continue
+            if isinstance(item, _Failure):
+                raise item.exc
+            if item is _END:
+                raise RuntimeError("target stream reader ran out of windows")
+            return item
+
+    def _gather(self, w: _Window, s: int, e: int) -> dict[str, torch.Tensor]:
+        local = w.local[s - w.start:e - w.start]
+        view = torch.from_numpy(self.order[s:e, 1])
+        return {k: gather_rows(w.data[k], local, view) for k in w.data}
+
+    def _move(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned: the copy overlaps the running step
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _produce(self, bounds, q: queue.Queue, slots: threading.Semaphore,
+                 stop: threading.Event) -> None:
+        try:
+            # several slices in flight: zarr's per-call latency overlaps, decoding spreads
+            # over cores (blosc releases the GIL)
+            with ThreadPoolExecutor(self.readers, thread_name_prefix="mlfd-target-read") as pool:
+                for start, stop_pos in bounds:
+                    while not slots.acquire(timeout=0.1):  # wait for a free window slot
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    w = self._read(start, stop_pos, stop, pool)
+                    if w is None:
+                        return
+                    q.put(w)
+            q.put(_END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(_Failure(e))
+
+    def _read(self, start: int, stop_pos: int, stop: threading.Event,
+              pool: ThreadPoolExecutor) -> _Window | None:
+        idx = self.order[start:stop_pos, 0]
+        R = self.chunk_rows
+        chunks = np.unique(idx // R)
+        # runs of consecutive chunks: one contiguous slice each, clipped at the array's end
+        breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
+        runs = [(int(c[0]) * R, min((int(c[-1]) + 1) * R, self.n))
+                for c in np.split(chunks, breaks)]
+        los = np.array([lo for lo, _ in runs], dtype=np.int64)
+        offs = np.cumsum([0] + [hi - lo for lo, hi in runs]).astype(np.int64)
+        which = np.searchsorted(los, idx, side="right") - 1
+        local = torch.from_numpy(offs[which] + idx - los[which])
+        out = {k: np.empty((int(offs[-1]), *arr.shape[1:]), dtype=arr.dtype)
+               for k, arr in self.arrays.items()}
+
+        def fill(k: str, i: int) -> None:
+            lo, hi = runs[i]
+            out[k][offs[i]:offs[i] + hi - lo] = self.arrays[k][lo:hi]
+
+        tasks = {k: [pool.submit(fill, k, i) for i in range(len(runs))] for k in self.arrays}
+        try:
+            for k, futures in tasks.items():
+                for f in futures:
+                    if stop.is_set():
+                        return None
+                    try:
+                        f.result()
+                    except DECODE_ERRORS as e:
+                        raise CorruptArtifact(self.hint(
+                            f"corrupt: array {k} failed to decode ({type(e).__name__})")) from e
+        finally:
+            for futures in tasks.values():  # on an early return or error: drop the rest
+                for f in futures:
+                    f.cancel()
+        data = {k: _to_tensor(v, self.logical[k]) for k, v in out.items()}
+        return _Window(start, stop_pos, data, local)
+
+
+def _to_tensor(values: np.ndarray, logical: str | None) -> torch.Tensor:
+    """The store's conversion where it has one (bfloat16 kept as uint16 on disk)."""
+    convert = getattr(store, "to_tensor", None)
+    if convert is not None and logical is not None:
+        return convert(values, logical)
+    return torch.from_numpy(values)
