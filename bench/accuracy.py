@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--first-complete", action="store_true",
+                    help="the first seed's baselines before the other seeds' models")
     args = ap.parse_args()
     common = ["--device", args.device] + (["--data-root", args.data_root] if args.data_root
                                           else [])
@@ -179,7 +181,12 @@ def main() -> None:
     rows: dict[int, list] = {}
     # Students of every seed first, then the baselines: a sweep cut short still has the
     # spread of the method's own numbers. Results are rewritten after every phase.
-    phases = [(s, "models") for s in args.seeds] + [(s, "baselines") for s in args.seeds]
+    if args.first_complete:  # one whole seed first: every comparison has at least one seed
+        s0, rest = args.seeds[0], args.seeds[1:]
+        phases = ([(s0, "models"), (s0, "baselines")] + [(s, "models") for s in rest]
+                  + [(s, "baselines") for s in rest])
+    else:
+        phases = [(s, "models") for s in args.seeds] + [(s, "baselines") for s in args.seeds]
     for seed, phase in phases:
         if phase == "models":
             seconds[seed].update(run_models(args.preset, seed, args.levels, args.work, common))

@@ -659,14 +659,10 @@ def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto
     if dry_run:
         return _dry_run(ws, opts, k, json_out, plan_cache, k, force)
 
-    def extract():
+    with _session(ws, opts, k):  # under torchrun every rank extracts its own rows
         done = {"teachers": cache_teachers(ws, opts, k), "targets": []}
-        if joint_status(ws, k).ok:
+        if on_main(joint_status, ws, k).ok:  # rank 0 decides for all
             done["targets"] = cache_targets(ws, opts, k)
-        return done
-
-    with _session(ws, opts, k):
-        done = on_main(extract)  # under torchrun rank 0 extracts, the others wait
     _emit(json_out, {"workdir": str(ws.root), "levels": k, "written": done})
 
 
@@ -717,10 +713,11 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
             log_to: LogTo = None, cache_uri: CacheUri = None, nproc: Nproc = None,
             cache_memory: Annotated[str | None, typer.Option(
                 "--cache-memory", metavar="SIZE",
-                help="Memory for the joint targets, e.g. 4GiB, 512MiB, 1.5G (default: half "
-                     "the free memory; GPU memory too on CUDA). Bigger target caches are "
-                     "streamed in chunk-shuffled windows, which the student's fingerprint "
-                     "records.")] = None):
+                help="Memory for the joint targets, e.g. 4GiB, 512MiB, 1.5G, per process "
+                     "(default: half the free memory, GPU memory too on CUDA, divided among "
+                     "the processes on the machine under --nproc/torchrun: each holds its "
+                     "own copy). Bigger target caches are streamed in chunk-shuffled "
+                     "windows, which the student's fingerprint records.")] = None):
     """Distil students; first runs (and announces) any missing or stale teach/cache/fuse step.
 
     Up-to-date results are reused; the plan says why each step runs. Interrupted
@@ -746,7 +743,7 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
     _distribute(nproc, ws, opts, k, ("teach", "fuse", "distill"), dry_run)
     if dry_run:
         return _dry_run(ws, opts, k, json_out, plan_distill, names, k, force, restart,
-                        cache_budget(opts))
+                        cache_budget(opts, nproc))  # the budget each of nproc would have
     with _session(ws, opts, k):
         steps = run_distill(ws, opts, names, k)
         rows, reports = _report(ws, opts)

@@ -33,7 +33,8 @@ def small_chunks(monkeypatch):
 def _data(n=50, seed=0):
     rng = np.random.default_rng(seed)
     return {"a": rng.standard_normal((n, 3)).astype(np.float32),  # 5 rows/chunk, 10/shard
-            "b": rng.standard_normal((n, 2, 2)).astype(np.float16),  # 8 rows/chunk, 16/shard
+            "b": rng.standard_normal((n, 2, 2)).astype(np.float16),  # (N, V, 2): chunks of
+            # 16 rows of one view, shards of 16 rows of both
             "labels": rng.integers(0, 10, n)}  # 8 rows per chunk, 16 per shard
 
 
@@ -66,10 +67,11 @@ def test_round_trip_fp16_blosc_and_crc32c(tmp_path):
     import zarr
 
     arr = zarr.open_group(str(g.path), mode="r")["feat"]
-    # ~1 MiB inner chunks along the sample axis, in one shard (the array is < 64 MiB);
-    # inside the shard Blosc/Zstd with byte shuffle, then a crc32c per chunk.
-    row = 2 * 8 * 3 * 3 * 2
-    assert arr.chunks[0] == min(1000, (1 << 20) // row) and arr.chunks[1:] == feats.shape[1:]
+    # ~1 MiB inner chunks along the sample axis holding one view each, in one shard of
+    # all views (the array is < 64 MiB); inside the shard Blosc/Zstd with byte shuffle,
+    # then a crc32c per chunk.
+    view_row = 8 * 3 * 3 * 2
+    assert arr.chunks == (min(1000, (1 << 20) // view_row), 1, 8, 3, 3)
     assert arr.shards == (arr.chunks[0] * -(-1000 // arr.chunks[0]), *feats.shape[1:])
     assert [c.to_dict()["name"] for c in arr.metadata.codecs] == ["sharding_indexed"]
     inner = arr.metadata.codecs[0].to_dict()["configuration"]
@@ -82,6 +84,37 @@ def test_round_trip_fp16_blosc_and_crc32c(tmp_path):
     # Promoted: nothing staged is left beside it, nor resume state inside it.
     assert sorted(p.name for p in g.path.parent.iterdir()) == ["train"]
     assert not (g.path / store.PROGRESS).exists() and (g.path / store.MANIFEST).exists()
+
+
+def test_view_axis_arrays_are_chunked_one_view_at_a_time():
+    """(N, V, ...) arrays: ~1 MiB chunks of one view, ~64 MiB shards of all views whose
+    rows are whole chunks; 1-D and 2-D arrays keep whole rows per chunk."""
+    # the paper-like L2 target: 8 views of 512x7x7 fp16 (50176 B a view)
+    chunks, shards = store.layout((1305, 8, 512, 7, 7), 2)
+    assert chunks == ((1 << 20) // 50176, 1, 512, 7, 7) == (20, 1, 512, 7, 7)
+    assert shards == (20 * ((64 << 20) // (20 * 8 * 50176)), 8, 512, 7, 7) == (160, 8, 512, 7, 7)
+    # logits: 100 fp16 a view, all 1305 rows fit one chunk and one shard
+    assert store.layout((1305, 8, 100), 2) == ((1305, 1, 100), (1305, 8, 100))
+    assert store.layout((1000, 8), 2) == ((1000, 8), (1000, 8))  # (N, features)
+    assert store.layout((1000,), 8) == ((1000,), (1000,))  # labels
+
+
+def test_view_chunked_array_round_trip_across_shards(tmp_path, small_chunks):
+    import zarr
+
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((50, 3, 4)).astype(np.float32)  # 16 B a view
+    g = CacheGroup(tmp_path / "g", {"x": 1})
+    w = g.begin({"v": (values.shape, "float32")})
+    for s in range(0, 50, 7):
+        w.append("v", values[s:s + 7])
+    w.close()
+    arr = zarr.open_group(str(g.path), mode="r")["v"]
+    # 4 rows of one view a chunk (64 B); a shard holds whole chunks of every view: 4 rows
+    assert (arr.chunks, arr.shards) == ((4, 1, 4), (4, 3, 4))
+    np.testing.assert_array_equal(g.load()["v"], values)
+    for lo, hi, v in ((0, 50, 2), (3, 17, 0), (44, 50, 1)):
+        np.testing.assert_array_equal(arr[lo:hi, v], values[lo:hi, v])
 
 
 def test_stale_or_foreign_cache_is_refused_with_the_difference(tmp_path):

@@ -5,14 +5,16 @@ sample index as the first axis and the view id as the second; ``labels`` beside 
 Arrays are sharded (zarr v3 ``sharding_indexed``): ~1 MiB inner chunks, each compressed
 (Blosc zstd or lz4 with byte shuffle, or not at all) and followed by its crc32c, are packed
 into shard files of ~64 MiB along the sample axis, so a million-row cache is some hundreds
-of files, not millions. The group's attributes hold the fingerprint (a dict of everything
-the values depend on, plus its digest), the array specs with their logical dtypes
-(``bfloat16`` is stored as its uint16 bit pattern: numpy has no bfloat16), the codec and a
-``complete`` flag.
+of files, not millions. Inner chunks of (N, V, ...) arrays hold one view each (``layout``):
+a streamed epoch reads only the views it uses. The group's attributes hold the fingerprint
+(a dict of everything the values depend on, plus its digest), the array specs with their
+logical dtypes (``bfloat16`` is stored as its uint16 bit pattern: numpy has no bfloat16),
+the codec and a ``complete`` flag.
 
     <parent>/<name>/              the last COMPLETE group, with manifest.json (and
                                   verified.json: which files status() already checked)
-    <parent>/.<name>.partial/     the extraction in progress, with progress.json
+    <parent>/.<name>.partial/     the extraction in progress, with progress.json (and
+                                  progress.rank<r>.json: each rank's cursors, torchrun)
     <parent>/.<name>.old/         local disks only, for an instant while a group is promoted
     <name>/c/<shard>/0/...        a shard file: inner chunks, then their index (+ crc32c)
 
@@ -21,6 +23,14 @@ in, so a killed (forced) re-run never loses a finished cache. The writer writes 
 shards only (and the array's tail once the array is full), each followed by a durable
 cursor, so no shard is ever rewritten in part and a killed extraction with the same
 fingerprint resumes at its last whole shard.
+
+Several processes (torchrun ranks) extract one group together without locks: rank 0
+creates or resumes the staging group and shares each array's rows out in ranges cut at
+shard boundaries (``prepare``); each rank writes its own range only, keeping its cursors
+in its own progress file (``join``), so no two ranks ever write one file; rank 0 checks
+that every range is complete, then writes the manifest and promotes the group. A resume,
+by any number of ranks or by one process, keeps the whole shards recorded as durable, and
+each writer goes on after those that open its range.
 
 Damage is caught twice: the manifest (size and crc32 of every file) makes ``status()``
 report it, and the crc32c of every inner chunk and of every shard index makes zarr refuse
@@ -45,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -70,6 +81,8 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 VERIFIED = "verified.json"
 BOOKKEEPING = (MANIFEST, PROGRESS, VERIFIED)  # beside the arrays, never in the manifest
+# A sharded extraction's ranks each keep their cursors in their own file (no shared writes)
+RANK_PROGRESS = re.compile(r"progress\.rank\d+\.json")
 CODECS = ("zstd", "lz4", "none")
 DTYPES = ("float16", "bfloat16", "float32")  # what cache.dtype may be
 STORED_AS = {"bfloat16": "uint16"}  # logical dtype -> dtype of the zarr array
@@ -199,7 +212,12 @@ class _Stat:
 
 
 def _is_bookkeeping(rel: str) -> bool:
-    return rel.removesuffix(".tmp") in BOOKKEEPING
+    rel = rel.removesuffix(".tmp")
+    return rel in BOOKKEEPING or RANK_PROGRESS.fullmatch(rel) is not None
+
+
+def rank_progress(rank: int) -> str:
+    return f"progress.rank{rank}.json"
 
 
 class _LocalDir:
@@ -248,10 +266,11 @@ class _LocalDir:
     def zarr_store(self, read_only: bool = False):
         return str(self.path)  # zarr opens a LocalStore
 
-    def drop_shards(self, array: str, first: int) -> None:
+    def drop_shards(self, array: str, keep: set[int]) -> None:
+        """Delete the array's shard files, but those in ``keep``."""
         grid = self.path / array / "c"
         for p in grid.iterdir() if grid.is_dir() else ():
-            if p.name.isdigit() and int(p.name) >= first:
+            if p.name.isdigit() and int(p.name) not in keep:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -317,10 +336,10 @@ class _RemoteDir:
         # from_mapper wraps a synchronous filesystem (memory://, ...) for zarr's async API
         return FsspecStore.from_mapper(self.fs.get_mapper(self.path), read_only=read_only)
 
-    def drop_shards(self, array: str, first: int) -> None:
+    def drop_shards(self, array: str, keep: set[int]) -> None:
         prefix = f"{array}/c/"
         for rel in self._find():
-            if rel.startswith(prefix) and int(rel[len(prefix):].split("/")[0]) >= first:
+            if rel.startswith(prefix) and int(rel[len(prefix):].split("/")[0]) not in keep:
                 self.fs.rm_file(self._p(rel))
 
     def copy_to(self, rel: str, other: _RemoteDir) -> None:
@@ -430,6 +449,64 @@ def _shard_rows(arr) -> int:
     return (arr.shards or arr.chunks)[0]
 
 
+def shard_ranges(n: int, step: int, world: int) -> list[tuple[int, int]]:
+    """The [start, stop) rows of each of ``world`` writers of an ``n``-row array with
+    ``step`` rows per shard: contiguous, disjoint and complete, cut at multiples of
+    ``step`` so that no two writers ever write the same shard file. Whole shards are dealt
+    out as evenly as they go, the last range ends with the array's tail shard, and with
+    fewer shards than writers some ranges are empty."""
+    if n < 0 or step < 1 or world < 1:
+        raise ValueError(f"shard_ranges needs n >= 0, step >= 1 and world >= 1, got {n}, "
+                         f"{step} and {world}")
+    shards = -(-n // step)
+    cuts = [min(n, shards * r // world * step) for r in range(world + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _durable_rows(staged, prog: dict, spec: dict) -> dict[str, list[tuple[int, int]]]:
+    """The rows a staged write holds durably, per array: [start, stop) intervals, from
+    progress.json (one writer) or from its ranks' files (a sharded write; a rank without a
+    file of these shares holds what it was given to resume from)."""
+    shares = prog.get("shares")
+    if shares is None:
+        return {k: [(0, int(prog["cursors"][k]))] for k in spec}
+    done = {k: [] for k in spec}
+    for r in range(int(shares["world"])):
+        cursors = {k: int(shares["cursors"][k][r]) for k in spec}
+        try:
+            mine = json.loads(staged.read(rank_progress(r)))
+            if mine["shares"] == shares["id"]:
+                cursors = {k: int(mine["cursors"][k]) for k in spec}
+        except (OSError, *DECODE_ERRORS):
+            pass  # no file (yet) of these shares: the rank resumes where it was given
+        for k in spec:
+            start, stop = (int(x) for x in shares["ranges"][k][r])
+            done[k].append((start, min(cursors[k], stop)))
+    return done
+
+
+def layout(shape, itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(inner chunk shape, shard shape) of a new array: ~CHUNK_BYTES chunks, ~SHARD_BYTES
+    shards (or the whole array if smaller), both along the sample axis.
+
+    An array of three or more axes is (N, V, ...): its chunks hold ONE view of their rows,
+    (R, 1, ...), while its shards still hold all views of theirs, (S, V, ...), S a multiple
+    of R. A streamed epoch that uses one view per chunk then decodes 1/V of the bytes, and
+    whole-shard writes along the sample axis are unchanged. Whole-array reads (fuse, an
+    in-memory distill) decode the same bytes in V times as many chunks. Smaller arrays
+    (labels, (N, features)) keep whole rows per chunk."""
+    shape = tuple(int(n) for n in shape)
+    per_view = len(shape) >= 3
+    inner = (1, *shape[2:]) if per_view else shape[1:]
+    row = int(np.prod(inner, dtype=np.int64)) * itemsize  # bytes of one row of a chunk
+    rows = max(1, min(shape[0], CHUNK_BYTES // max(row, 1)))
+    n_chunks = max(1, -(-shape[0] // rows))
+    chunk_rows_bytes = rows * row * (shape[1] if per_view else 1)  # all views: a shard's unit
+    # whole inner chunks per shard, ~SHARD_BYTES or the whole array if smaller
+    per_shard = max(1, min(n_chunks, SHARD_BYTES // max(chunk_rows_bytes, 1)))
+    return (rows, *inner), (rows * per_shard, *shape[1:])
+
+
 @dataclass
 class CacheGroup:
     """One (dataset, split) group: written batch by batch (resumably), read whole.
@@ -526,41 +603,131 @@ class CacheGroup:
         error = {"missing": MlfdError, "corrupt": CorruptArtifact}.get(state, StaleCacheError)
         raise error(self._rebuild_hint(why))
 
+    def _spec(self, arrays: dict[str, tuple[tuple[int, ...], str]]) -> dict:
+        return {k: [[int(n) for n in shape], _logical(dtype)]
+                for k, (shape, dtype) in arrays.items()}
+
+    def _head(self, spec: dict) -> dict:
+        """What a staged write must match to be resumed: fingerprint, arrays and storage."""
+        return {"digest": digest(self.fingerprint), "arrays": spec, "storage": self._storage}
+
+    def _note(self) -> None:
+        set_interrupt_note(f"cache {self.location}: the next run resumes its extraction at "
+                           "the last complete shard")
+
     def begin(self, arrays: dict[str, tuple[tuple[int, ...], str]],
               restart: bool = False) -> CacheWriter:
         """Write into the staging group: ``arrays`` maps name -> (shape, dtype), a dtype
         being a numpy name or ``"bfloat16"``. A staged write of the same fingerprint,
-        codec and arrays is resumed unless ``restart``."""
+        codec and arrays is resumed unless ``restart`` (one a sharded extraction left too:
+        from the shards its ranks finished)."""
         self._recover()
-        spec = {k: [[int(n) for n in shape], _logical(dtype)]
-                for k, (shape, dtype) in arrays.items()}
-        set_interrupt_note(f"cache {self.location}: the next run resumes its extraction at "
-                           "the last complete shard")
-        return (None if restart else self._resume(spec)) or self._fresh(spec)
+        spec = self._spec(arrays)
+        self._note()
+        staged = None if restart else self._reopen(spec)
+        if staged is None:
+            writer = CacheWriter(self, *self._create(spec), spec, {k: 0 for k in spec})
+            writer._save_progress()
+            return writer
+        g, handles, done, old_world = staged
+        cursors = {k: self._keep(k, a, done[k], [(0, a.shape[0])])[0]
+                   for k, a in handles.items()}
+        writer = CacheWriter(self, g, handles, spec, cursors)
+        if old_world:  # the ranks' files described the staging: now this writer's file does
+            writer._save_progress()
+            self._drop_rank_files(old_world)
+        return writer
 
-    def _resume(self, spec: dict) -> CacheWriter | None:
+    def prepare(self, arrays: dict[str, tuple[tuple[int, ...], str]], world: int,
+                restart: bool = False) -> dict:
+        """Rank 0's part of an extraction by ``world`` processes, before any rank writes:
+        create (or resume, as ``begin`` does) the staging group and deal each array's rows
+        out in shard-aligned ranges (``shard_ranges``). Returns the shares that every rank
+        passes to ``join``: the ranges, where each resumes, and an id its progress file
+        carries. The ranges may differ from those of the write it resumes: a rank resumes
+        after the whole shards at the start of its range that are already durable."""
+        self._recover()
+        spec = self._spec(arrays)
+        self._note()
+        staged = None if restart else self._reopen(spec)
+        if staged is None:
+            g, handles = self._create(spec)
+            done, old_world = {k: [] for k in spec}, 0
+        else:
+            g, handles, done, old_world = staged
+        ranges = {k: [list(r) for r in shard_ranges(a.shape[0], _shard_rows(a), world)]
+                  for k, a in handles.items()}
+        shares = {"id": uuid.uuid4().hex, "world": world, "ranges": ranges,
+                  "cursors": {k: self._keep(k, a, done[k], ranges[k])
+                              for k, a in handles.items()}}
+        self._dir(self.staging).write_json(PROGRESS, {**self._head(spec), "shares": shares})
+        # only now: until the new shares were written, the old ranks' files said what is done
+        self._drop_rank_files(old_world)
+        return shares
+
+    def join(self, arrays: dict[str, tuple[tuple[int, ...], str]], shares: dict,
+             rank: int) -> CacheWriter:
+        """The writer of rank ``rank`` in the staging group whose rows ``prepare`` shared out (every
+        rank, rank 0 too, once prepare returned): it writes its own range of each array
+        only, and keeps its cursors in its own progress file, so no two ranks ever write
+        the same file. Its ``close`` is rank 0's alone, with every rank's ``held()``."""
+        spec = self._spec(arrays)
+        self._note()
+        g = _zarr().open_group(store=self._dir(self.staging).zarr_store(), mode="r+")
+        handles = {k: g[k] for k in spec}
+        return CacheWriter(self, g, handles, spec,
+                           {k: int(shares["cursors"][k][rank]) for k in spec},
+                           rows={k: tuple(shares["ranges"][k][rank]) for k in spec},
+                           shared=(rank, shares))
+
+    def _reopen(self, spec: dict) -> tuple | None:
+        """(zarr group, arrays, the rows durable per array as [start, stop) intervals, the
+        world size of a sharded write's rank files or 0) of a staged write of the same
+        inputs; None when there is nothing usable to resume."""
         staged = self._dir(self.staging)
         try:
             prog = json.loads(staged.read(PROGRESS))
-            if prog["digest"] != digest(self.fingerprint) or prog["arrays"] != spec \
-                    or prog.get("storage") != self._storage:
+            if any(prog.get(k) != v for k, v in self._head(spec).items()):
                 return None
             g = _zarr().open_group(store=staged.zarr_store(), mode="r+")
             handles = {k: g[k] for k in spec}
-            cursors = {k: int(prog["cursors"][k]) for k in spec}
+            done = _durable_rows(staged, prog, spec)
+            world = int(prog["shares"]["world"]) if "shares" in prog else 0
         except (OSError, *DECODE_ERRORS):
             return None  # nothing usable staged: start afresh
-        for k, a in handles.items():
-            n, step = a.shape[0], _shard_rows(a)
-            if cursors[k] < n:  # defensive: only whole shards count as written
-                cursors[k] = cursors[k] // step * step
-                # zarr reads a shard before writing into it: one a kill tore past the
-                # cursor would fail that read, so it goes (it held nothing durable).
-                staged.drop_shards(k, cursors[k] // step)
-            cursors[k] = min(cursors[k], n)
-        return CacheWriter(self, g, handles, spec, cursors)
+        return g, handles, done, world
 
-    def _fresh(self, spec: dict) -> CacheWriter:
+    def _keep(self, name: str, arr, done: list, ranges: list) -> list[int]:
+        """Keep the shards of ``arr`` whose rows are all durable (in one of the ``done``
+        intervals), delete the others, and return where each of ``ranges`` resumes: after
+        the kept shards its start is followed by. Only whole shards count as written (a
+        cursor is defensively rounded down), and zarr reads a shard before writing into
+        it: one a kill tore past a cursor would fail that read, so it goes (it held
+        nothing durable)."""
+        n, step = arr.shape[0], _shard_rows(arr)
+        kept = set()
+        for start, stop in done:
+            i = -(-int(start) // step)
+            while i * step < n and min((i + 1) * step, n) <= stop:
+                kept.add(i)
+                i += 1
+        if done and len(kept) < -(-n // step):  # (nothing done: a new group, no files)
+            self._dir(self.staging).drop_shards(name, kept)
+        cursors = []
+        for lo, hi in ranges:
+            at = lo
+            while at < hi and at // step in kept:
+                at = min(at + step, hi)
+            cursors.append(at)
+        return cursors
+
+    def _drop_rank_files(self, world: int) -> None:
+        staged = self._dir(self.staging)
+        for r in range(world):
+            staged.delete(rank_progress(r))
+
+    def _create(self, spec: dict) -> tuple:
+        """A new, empty staging group: (zarr group, arrays)."""
         staged = self._dir(self.staging)
         staged.remove()
         if self.fs is None:
@@ -572,25 +739,21 @@ class CacheGroup:
         handles = {}
         for name, (shape, logical) in spec.items():
             dtype = np.dtype(STORED_AS.get(logical, logical))
-            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-            rows = max(1, min(shape[0], CHUNK_BYTES // max(row, 1)))
-            chunks = max(1, -(-shape[0] // rows))
-            # whole inner chunks per shard, ~SHARD_BYTES or the whole array if smaller
-            per_shard = max(1, min(chunks, SHARD_BYTES // max(rows * row, 1)))
+            chunks, shards = layout(shape, dtype.itemsize)
             handles[name] = g.create_array(
-                name, shape=shape, chunks=(rows, *shape[1:]),
-                shards=(rows * per_shard, *shape[1:]), dtype=dtype,
+                name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
                 compressors=_codecs(self.codec, self.clevel), fill_value=0,
                 attributes={"dtype": logical})
-        writer = CacheWriter(self, g, handles, spec, {k: 0 for k in spec})
-        writer._save_progress()
-        return writer
+        return g, handles
 
-    def _promote(self) -> None:
+    def _promote(self, drop: tuple[str, ...] = ()) -> None:
+        """The staged group in place of the final one, without its resume bookkeeping
+        (progress.json, and ``drop``: the ranks' progress files)."""
         if self.fs is None:
-            StagedDir(self.path).promote(drop=(PROGRESS,))
+            StagedDir(self.path).promote(drop=(PROGRESS, *drop))
         else:
-            self._dir(self.staging).delete(PROGRESS)
+            for rel in (PROGRESS, *drop):
+                self._dir(self.staging).delete(rel)
             self._copy_promote()
 
     def _copy_promote(self) -> None:
@@ -622,9 +785,15 @@ class CacheGroup:
         """The logical dtype of every array (a ``bfloat16`` array loads as uint16)."""
         return {k: v[1] for k, v in self._stored_arrays().items()}
 
-    def load(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every array (from the group's metadata: no integrity read)."""
+        return {k: tuple(int(n) for n in v[0]) for k, v in self._stored_arrays().items()}
+
+    def load(self, names: list[str] | None = None,
+             rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         """Whole arrays in memory: random batches from zarr chunks would be ~1000x slower.
-        bfloat16 arrays come as their uint16 bit patterns: see ``tensors`` / ``to_tensor``."""
+        bfloat16 arrays come as their uint16 bit patterns: see ``tensors`` / ``to_tensor``.
+        With ``rows`` (start, stop): those rows of each array only."""
         self.check()
         stored = self._stored_arrays()
         names = list(names or stored)
@@ -635,7 +804,7 @@ class CacheGroup:
         g = _zarr().open_group(store=self.zarr_store(), mode="r")
         for k in names:
             try:
-                out[k] = g[k][...]
+                out[k] = g[k][...] if rows is None else g[k][rows[0]:rows[1]]
             except DECODE_ERRORS as e:  # damaged after check(): still one clear line
                 raise CorruptArtifact(self._rebuild_hint(
                     f"corrupt: array {k} failed to decode ({type(e).__name__})")) from e
@@ -663,36 +832,53 @@ class CacheGroup:
 class CacheWriter:
     """Rows in order per array; only whole shards are written (the last one once the array
     is full), each followed by a durable cursor, so a resumed write starts on a shard
-    boundary and never rewrites part of a shard that a kill may have torn."""
+    boundary and never rewrites part of a shard that a kill may have torn.
+
+    A rank of a sharded extraction (``CacheGroup.join``) writes the same way within its own
+    shard-aligned range of each array (``rows``), ending with the range's last shard."""
 
     def __init__(self, group: CacheGroup, zgroup, handles: dict, spec: dict,
-                 cursors: dict[str, int]):
+                 cursors: dict[str, int], rows: dict[str, tuple[int, int]] | None = None,
+                 shared: tuple[int, dict] | None = None):
         self.group, self.zgroup, self.handles, self._spec = group, zgroup, handles, spec
         self._durable = dict(cursors)  # rows written and recorded in the progress file
         self._next = dict(cursors)  # first row not yet held (durable + pending)
         self._pending: dict[str, list[np.ndarray]] = {k: [] for k in handles}
         self._pos = {k: 0 for k in handles}  # row index of the caller's next append
+        self._rows = rows or {k: (0, a.shape[0]) for k, a in handles.items()}
+        self._shared = shared  # (rank, shares) in a sharded extraction; None: the only writer
 
     def cursor(self, name: str) -> int:
         """Rows of ``name`` already durable: production may resume at any row up to this."""
         return self._durable[name]
 
+    def rows(self, name: str) -> tuple[int, int]:
+        """The [start, stop) rows of ``name`` this writer writes: all, or its rank's range."""
+        return self._rows[name]
+
+    def held(self) -> dict[str, int]:
+        """Where each array's durable rows end: a rank's report to rank 0's ``close``."""
+        return dict(self._durable)
+
     def append(self, name: str, values, start: int | None = None) -> None:
         """Rows of ``name`` from row ``start`` (default: where the previous append ended,
         0 at first). Rows the writer already holds are dropped, so a caller resuming at
-        the minimum cursor of several arrays rewrites nothing. Float values are converted
-        to the array's dtype (bfloat16: rounded as torch rounds)."""
+        the minimum cursor of several arrays rewrites nothing; so are rows past a rank's
+        range (another rank's). Float values are converted to the array's dtype
+        (bfloat16: rounded as torch rounds)."""
         arr = self.handles[name]
         values = _to_stored(values, self._spec[name][1], arr.dtype)
         pos = self._pos[name] if start is None else int(start)
-        if pos > self._next[name]:
+        stop = self._rows[name][1]
+        past_range = self._shared is not None and self._next[name] == stop
+        if pos > self._next[name] and not past_range:
             raise MlfdError(f"cache array {name}: rows from {pos} given, row {self._next[name]} "
                             "is missing")
         if pos + len(values) > arr.shape[0]:
             raise MlfdError(f"cache array {name}: rows up to {pos + len(values)} given, it has "
                             f"{arr.shape[0]}")
         self._pos[name] = pos + len(values)
-        new = values[self._next[name] - pos:]
+        new = values[max(0, self._next[name] - pos):max(0, stop - pos)]
         if len(new):
             self._pending[name].append(new)
             self._next[name] += len(new)
@@ -701,7 +887,7 @@ class CacheWriter:
     def _flush(self, name: str) -> None:
         arr = self.handles[name]
         start, stop = self._durable[name], self._next[name]
-        if stop < arr.shape[0]:  # whole shards only; the tail shard once the array is full
+        if stop < self._rows[name][1]:  # whole shards only; the last one once it is full
             step = _shard_rows(arr)
             stop = start + (stop - start) // step * step
         if stop == start:
@@ -713,18 +899,43 @@ class CacheWriter:
         self._save_progress()
 
     def _save_progress(self) -> None:
-        self.group._dir(self.group.staging).write_json(PROGRESS, {
-            "digest": digest(self.group.fingerprint), "arrays": self._spec,
-            "storage": self.group._storage, "cursors": self._durable})
+        staged = self.group._dir(self.group.staging)
+        if self._shared is None:
+            staged.write_json(PROGRESS, {**self.group._head(self._spec), "cursors": self._durable})
+            return
+        rank, shares = self._shared  # the rank's own file: no two ranks write one file
+        staged.write_json(rank_progress(rank), {"shares": shares["id"], "cursors": self._durable})
 
-    def close(self) -> None:
-        """Check every row is in, write the manifest (last), then promote the group."""
-        for name, arr in self.handles.items():
-            if self._next[name] != arr.shape[0]:
-                raise MlfdError(f"cache array {name}: wrote {self._next[name]} of {arr.shape[0]} rows")
+    def close(self, held: list[dict[str, int]] | None = None) -> None:
+        """Check every row is in, write the manifest (last), then promote the group.
+
+        In a sharded extraction only rank 0 closes, once every rank finished, with their
+        ``held()`` in rank order: a range a rank did not complete is a one-line error."""
+        drop: tuple[str, ...] = ()
+        if self._shared is None:
+            for name, arr in self.handles.items():
+                if self._next[name] != arr.shape[0]:
+                    raise MlfdError(f"cache array {name}: wrote {self._next[name]} of "
+                                    f"{arr.shape[0]} rows")
+        else:
+            shares = self._shared[1]
+            world = shares["world"]
+            if held is None or len(held) != world:
+                raise MlfdError(f"cache {self.group.location}: {len(held or [])} of {world} "
+                                "ranks reported their rows")
+            for r, cursors in enumerate(held):
+                for name in self.handles:
+                    start, stop = shares["ranges"][name][r]
+                    at = cursors.get(name, start)
+                    if at < stop:
+                        raise MlfdError(
+                            f"cache {self.group.location}: rows {at}–{stop} of array {name} "
+                            f"are missing (rank {r} of {world} wrote {start}–{at} of its "
+                            f"{start}–{stop}); re-run to resume the extraction")
+            drop = tuple(rank_progress(r) for r in range(world))
         self.zgroup.attrs["complete"] = True
         staged = self.group._dir(self.group.staging)
         # the id makes every write's manifest unique: a copy-promotion can tell it finished
         staged.write_json(MANIFEST, {"id": uuid.uuid4().hex, "files": _manifest(staged)})
-        self.group._promote()
+        self.group._promote(drop)
         set_interrupt_note(None)

@@ -57,6 +57,8 @@ def train_order(
 
 # Seeds the chunk shuffle apart from train_order's permutation of the same (seed, epoch).
 _CHUNK_SHUFFLE_STREAM = 102
+# The per-(chunk, epoch) view: apart from the per-sample one (chunk k is not sample k).
+_CHUNK_VIEW_STREAM = 103
 
 
 def chunk_order(
@@ -75,8 +77,12 @@ def chunk_order(
     rows). The chunks are shuffled, taken ``window`` at a time, and the rows of each
     window shuffled together: a reader decodes each window's chunks once, and a batch
     still mixes ``window`` chunks from anywhere in the data (class-sorted data included).
-    The view of each sample is train_order's for an int V (same counter stream), so a
-    sample sees the same cached view in either order.
+
+    The view is drawn per (chunk, epoch), not per sample: every sample of a chunk takes
+    the chunk's view that epoch, uniform over ``views`` and counter-based in (seed, chunk,
+    epoch). A cache chunked one view at a time then reads 1/V of its bytes per epoch
+    instead of all V views to use one; each sample still meets a fresh uniform view every
+    epoch (but its chunk-mates meet the same one).
 
     Ranks take contiguous, disjoint slices of the epoch's window-major sequence that
     together cover every sample: each rank reads its own windows, sharing at most the one
@@ -99,6 +105,7 @@ def chunk_order(
     start = rank * q + min(rank, r)
     perm = perm[start:start + q + (rank < r)]
     V = int(views)
-    u = counter_uniform(seed, perm, np.full_like(perm, epoch), _VIEW_CHOICE_STREAM)
+    chunk = perm // chunk_rows
+    u = counter_uniform(seed, chunk, np.full_like(chunk, epoch), _CHUNK_VIEW_STREAM)
     view = np.minimum((u * V).astype(np.int64), V - 1)
     return np.stack([perm, view], axis=1)

@@ -45,6 +45,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world() -> int:
+    """Processes of the run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def is_main() -> bool:
     """Only rank 0 writes checkpoints, metrics, caches' metadata and reports."""
     return rank() == 0
@@ -100,6 +105,15 @@ def broadcast_object(obj: T) -> T:
     box = [obj]
     _dist().broadcast_object_list(box, src=0, group=_STATE["control"])
     return box[0]
+
+
+def gather_object(obj: T) -> list[T] | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None on the others)."""
+    if not active():
+        return [obj]
+    box = [None] * world() if is_main() else None
+    _dist().gather_object(obj, box, dst=0, group=_STATE["control"])
+    return box
 
 
 def on_main(fn: Callable[..., T], *args, **kwargs) -> T:

@@ -5,6 +5,11 @@ each training image, the clean view of each test image) and stores its L_K
 embedding. Part 2 (once a joint teacher exists) runs the joint teacher over that
 cache and stores, per training image and view, its logits for the image's own
 dataset and its embeddings L1..LK: the student's distillation targets.
+
+Under torchrun every rank extracts: rank 0 decides what is missing and lays each group
+out, each rank computes and writes its own shard-aligned range of every array (no two
+ranks write one file, so no locks), and rank 0 checks that every range is in before it
+writes the manifest and promotes the group.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import numpy as np
 import torch
 
 from ..cache import CacheGroup, digest
-from ..cache.store import join
+from ..cache.store import CacheWriter, join
 from ..data.sampling import eval_order
 from ..engine.checkpoint import load_meta, load_meta_safe
+from ..engine.distributed import barrier, gather_object, is_main, on_main, rank, world
 from ..engine.progress import log, progress
 from ..errors import MlfdError
 from ..models import JointTeacher, level_shapes
@@ -105,16 +111,45 @@ def check_levels(ws: Workspace, levels: int) -> list[list[tuple[int, ...]]]:
     return shapes
 
 
-@torch.no_grad()
-def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
-    """Write every missing or stale teacher-embedding group; returns what was (re)written."""
-    from ..engine.loop import autocast
+def _writer(group: CacheGroup, arrays: dict, restart: bool) -> CacheWriter:
+    """This process's writer of ``group``: of every row in one process; under torchrun of
+    its rank's rows, once rank 0 has created (or resumed) the staging group and shared
+    the rows out (``on_main`` returns on every rank only after rank 0's part is done)."""
+    if world() == 1:
+        return group.begin(arrays, restart=restart)
+    shares = on_main(group.prepare, arrays, world(), restart)
+    return group.join(arrays, shares, rank())
 
-    dtype = ws.exp.cache.dtype
+
+def _close(writer: CacheWriter) -> None:
+    """Every rank's rows in: the group's manifest is written and the group promoted (by
+    rank 0, from what every rank reports), before any rank goes on to read it."""
+    if world() == 1:
+        writer.close()
+        return
+    held = gather_object(writer.held())
+    if is_main():
+        writer.close(held)
+    barrier()
+
+
+def _stale_teacher_groups(ws: Workspace, opts: RunOptions, levels: int) -> list[tuple[str, str]]:
     todo = [(d.name, s) for d in ws.exp.datasets for s in SPLITS
             if opts.force or teacher_group(ws, levels, d.name, s).status() != "ok"]
     for d, s in todo:
         log(f"[cache] teachers L{levels} {d}/{s}: {teacher_group(ws, levels, d, s).reason()}")
+    return todo
+
+
+@torch.no_grad()
+def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
+    """Write every missing or stale teacher-embedding group; returns what was (re)written.
+    Under torchrun every rank must call it: each renders and embeds its own rows."""
+    from ..engine.loop import autocast
+
+    dtype = ws.exp.cache.dtype
+    # rank 0 inspects (and may recover) the groups; the others follow its list
+    todo = on_main(_stale_teacher_groups, ws, opts, levels)
     if not todo:
         return []
     teachers = [load_teacher(ws, e.name, opts.device)[0] for e in ws.exp.datasets]
@@ -129,14 +164,16 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
             arrays = {e.name: ((len(data), V, *shape), dtype)
                       for e, shape in zip(ws.exp.datasets, shapes)}
             arrays["labels"] = ((len(data),), "int64")
-            writer = group.begin(arrays, restart=opts.restart)
+            writer = _writer(group, arrays, opts.restart)
             writer.append("labels", np.asarray(data.labels, dtype=np.int64), start=0)
             batch = max(V, bs // V * V)  # whole samples per batch: rows reshape to (b, V, ...)
             for t, e in zip(teachers, ws.exp.datasets):
-                start = writer.cursor(e.name)  # resume an interrupted extraction at its shard
-                if start == len(data):
+                # from where an interrupted extraction stopped (a whole shard) to the end of
+                # this rank's range (all rows in one process)
+                start, stop = writer.cursor(e.name), writer.rows(e.name)[1]
+                if start == stop:
                     continue
-                order = eval_order(len(data), V)[start * V:]
+                order = eval_order(len(data), V)[start * V:stop * V]
                 task = prog.add_task(f"cache L{levels} {e.name} on {data_name}/{split}",
                                      total=(len(order) + batch - 1) // batch, items=0, info="",
                                      unit="img")
@@ -151,17 +188,20 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
                                   start=start + seen // V)
                     seen += len(b)
                     prog.update(task, advance=1, items=seen)
-            writer.close()
-            log(f"[cache] teachers L{levels} {data_name}/{split}: {len(data)}x{V} views, "
-                f"{group.nbytes() / 2**20:.1f} MiB")
+            _close(writer)
+            if is_main():  # the others must not read the group while rank 0 promotes it
+                log(f"[cache] teachers L{levels} {data_name}/{split}: {len(data)}x{V} views, "
+                    f"{group.nbytes() / 2**20:.1f} MiB")
     return [f"{d}/{s}" for d, s in todo]
 
 
-def load_teacher_inputs(ws: Workspace, levels: int, data_name: str, split: str):
+def load_teacher_inputs(ws: Workspace, levels: int, data_name: str, split: str,
+                        rows: tuple[int, int] | None = None):
     """(list of per-teacher CPU tensors (N, V, ...) in the cache's dtype, labels (N,) as
-    numpy) from a checked cache group; index them with index tensors."""
+    numpy) from a checked cache group; index them with index tensors. With ``rows``
+    (start, stop): those rows only, row ``start`` at index 0."""
     group = teacher_group(ws, levels, data_name, split)
-    arrays = group.tensors(group.load())
+    arrays = group.tensors(group.load(rows=rows))
     return [arrays[e.name] for e in ws.exp.datasets], arrays["labels"].numpy()
 
 
@@ -192,38 +232,73 @@ def joint_forward_cached(joint: JointTeacher, feats: list[torch.Tensor], rows: n
     return joint([f[r, v].to(device).float() for f in feats])
 
 
-@torch.no_grad()
-def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
-                  names: list[str] | None = None) -> list[str]:
-    """Joint-teacher logits and L1..LK for every (train image, view) of the given datasets."""
-    names = names or ws.exp.names()
+def _spans(writer: CacheWriter, names) -> list[tuple[int, int]]:
+    """The rows still to compute for arrays ``names``: from each one's cursor to the end
+    of its range, merged into disjoint [start, stop) spans in order."""
+    spans: list[list[int]] = []
+    for start, stop in sorted((writer.cursor(k), writer.rows(k)[1]) for k in names):
+        if start >= stop:
+            continue
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], stop)
+        else:
+            spans.append([start, stop])
+    return [(a, b) for a, b in spans]
+
+
+def _labels(group: CacheGroup) -> np.ndarray:
+    return group.load(["labels"])["labels"]
+
+
+def _stale_target_groups(ws: Workspace, opts: RunOptions, levels: int,
+                         names: list[str]) -> list[str]:
     todo = [n for n in names if opts.force or target_group(ws, levels, n).status() != "ok"]
     for n in todo:
         log(f"[cache] targets L{levels} {n}: {target_group(ws, levels, n).reason()}")
+    return todo
+
+
+@torch.no_grad()
+def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
+                  names: list[str] | None = None) -> list[str]:
+    """Joint-teacher logits and L1..LK for every (train image, view) of the given datasets.
+    Under torchrun every rank must call it: each computes its own rows."""
+    names = names or ws.exp.names()
+    todo = on_main(_stale_target_groups, ws, opts, levels, names)
     if not todo:
         return []
     joint, _ = load_joint(ws, levels, opts.device)
     dtype = ws.exp.cache.dtype
     for name in todo:
         d_idx = ws.exp.names().index(name)
-        feats, labels = load_teacher_inputs(ws, levels, name, "train")
-        N, V = feats[0].shape[:2]
-        group = target_group(ws, levels, name)
+        group, inputs = target_group(ws, levels, name), teacher_group(ws, levels, name, "train")
+        # first, and by rank 0 alone: it checks the teacher cache (and records the check,
+        # which the other ranks' checks then find)
+        labels = on_main(_labels, inputs)
+        N, V = inputs.shapes()[ws.exp.datasets[0].name][:2]
         arrays = {"logits": ((N, V, joint.num_classes[d_idx]), dtype), "labels": ((N,), "int64")}
         for k, shape in enumerate(joint.embed_shapes):
             arrays[f"L{k + 1}"] = ((N, V, *shape), dtype)
-        writer = group.begin(arrays, restart=opts.restart)
+        writer = _writer(group, arrays, opts.restart)
         writer.append("labels", labels, start=0)
+        # Each batch gives every array its rows: the spans cover what each array still
+        # needs (in one process: from the least-written array's cursor on). Where arrays'
+        # shards hold different row counts, their ranges differ: a rank computes the union.
+        spans = _spans(writer, [k for k in arrays if k != "labels"])
+        lo, hi = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+        feats, _ = load_teacher_inputs(ws, levels, name, "train", (lo, hi))  # only its rows
         bs = max(1, 1024 // V)
-        first = min(writer.cursor(k) for k in arrays)  # resume at the least-written array
-        for start in range(first, N, bs):
-            rows = np.repeat(np.arange(start, min(N, start + bs)), V)
-            views = np.tile(np.arange(V), len(rows) // V)
-            emb = joint_forward_cached(joint, feats, rows, views, opts.device)
-            logits = joint.logits(emb[0], d_idx)
-            writer.append("logits", logits.reshape(-1, V, logits.shape[1]), start=start)
-            for k, e in enumerate(emb):
-                writer.append(f"L{k + 1}", e.reshape(-1, V, *e.shape[1:]), start=start)
-        writer.close()
-        log(f"[cache] targets L{levels} {name}: {N}x{V} views, {group.nbytes() / 2**20:.1f} MiB")
+        for first, last in spans:
+            for start in range(first, last, bs):
+                rows = np.repeat(np.arange(start, min(last, start + bs)), V)
+                views = np.tile(np.arange(V), len(rows) // V)
+                emb = joint_forward_cached(joint, feats, rows - lo, views, opts.device)
+                logits = joint.logits(emb[0], d_idx)
+                writer.append("logits", logits.reshape(-1, V, logits.shape[1]), start=start)
+                for k, e in enumerate(emb):
+                    writer.append(f"L{k + 1}", e.reshape(-1, V, *e.shape[1:]), start=start)
+        _close(writer)
+        if is_main():
+            log(f"[cache] targets L{levels} {name}: {N}x{V} views, "
+                f"{group.nbytes() / 2**20:.1f} MiB")
     return todo

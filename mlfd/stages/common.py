@@ -33,7 +33,8 @@ class RunOptions:
     # (applied per process with mlfd.engine.metrics.set_tensorboard, as the CLI does).
     log: str | None = None
     # distill: bytes of decoded targets to hold in memory; bigger caches are streamed
-    # (None: half the free memory, see stages.distill.cache_budget)
+    # (None: half the free memory, shared by the run's processes on the machine; see
+    # stages.distill.cache_budget)
     cache_memory: int | None = None
 
 

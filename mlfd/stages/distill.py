@@ -5,11 +5,14 @@ of the V cached views; the pipeline renders exactly that view, so the joint
 teacher's targets match the pixels the student sees.
 
 Targets that fit the run's cache memory (``--cache-memory``, default half the free
-memory) are held whole on the training device and gathered per batch. Bigger ones are
-streamed: the epoch visits chunk-shuffled windows of the cache (``chunk_order``), a
-background thread decodes the next window while the student trains on the current one,
-and the image pipeline renders the same order. That order changes which samples meet in
-a batch, so a streamed student's fingerprint records it.
+memory, shared by the run's processes on a machine) are held whole on the training
+device and gathered per batch. Bigger ones are streamed: the epoch visits
+chunk-shuffled windows of the cache (``chunk_order``), each chunk in one view drawn per
+(chunk, epoch) so only that view is read; a background thread decodes the next window
+while the student trains on the current one (and the next epoch's first while this
+epoch ends), and the image pipeline renders the same order. That order changes which
+samples meet in a batch and which views they see, so a streamed student's fingerprint
+records it.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cache.store import DECODE_ERRORS
-from ..cache.stream import TargetStream, default_budget, format_size, gather_rows
+from ..cache.stream import EpochStream, default_budget, format_size, gather_rows
 from ..data.sampling import chunk_order, train_order
 from ..engine.artifact import Artifact, Status, TrainRun
 from ..engine.checkpoint import load_meta_safe
-from ..engine.distributed import is_main, rank, world
+from ..engine.distributed import is_main, local_world, rank, world
 from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
@@ -77,17 +80,20 @@ class TargetFeed:
         """What the student's fingerprint gains: nothing in memory (results as before)."""
         if not self.streaming:
             return {}
+        # views drawn per (chunk, epoch), not per sample: another order of (sample, view)
         return flatten({"order": {"kind": "chunk-shuffled", "window": self.window,
-                                  "chunk_rows": self.chunk_rows}})
+                                  "chunk_rows": self.chunk_rows, "views": "per-chunk"}})
 
 
-def cache_budget(opts: RunOptions) -> int:
-    """The run's target-cache memory: --cache-memory, else half the free memory (where
-    that cannot be read: no limit, targets stay in memory as they always did)."""
+def cache_budget(opts: RunOptions, processes: int | None = None) -> int:
+    """The run's target-cache memory: --cache-memory, else half the free memory shared by
+    the run's ``processes`` on this machine (default: torchrun's local world size), each
+    holding its own copy of the targets (where free memory cannot be read: no limit,
+    targets stay in memory as they always did)."""
     if opts.cache_memory is not None:
         return opts.cache_memory
     budget = default_budget(opts.device)
-    return sys.maxsize if budget is None else budget
+    return sys.maxsize if budget is None else budget // (processes or local_world())
 
 
 def _itemsize(dtype: str) -> int:
@@ -101,7 +107,8 @@ def feed_of(zgroup, budget: int) -> TargetFeed:
     budget (logits beside 7x7 maps: their chunks hold hundreds of samples, which every
     window would decode again). The rest is read in windows of whole chunks of the
     largest streamed chunk rows, each window at most WINDOW_BYTES and (PREFETCH + 1) of
-    them within what the resident arrays leave of the budget."""
+    them within what the resident arrays leave of the budget. A window holds one view of
+    its chunks (chunk_order draws views per chunk): 1/V of their samples' bytes."""
     spec = {k: v for k, v in dict(zgroup.attrs)["arrays"].items() if k != "labels"}
     n = int(next(iter(spec.values()))[0][0])
     row = {k: int(np.prod(shape[1:], dtype=np.int64)) * _itemsize(dtype)
@@ -119,11 +126,17 @@ def feed_of(zgroup, budget: int) -> TargetFeed:
     # zarr's chunks are the inner chunks of a sharded array: the finest unit it can decode
     rows = max(int(zgroup[k].chunks[0]) for k in streamed)
     left = budget - n * sum(row[k] for k in resident)
-    sample = sum(row[k] for k in streamed)
+    views = max(1, int(next(iter(spec.values()))[0][1]))
+    sample = -(-sum(row[k] for k in streamed) // views)  # one view of a sample, decoded
     fit = max(1, min(WINDOW_BYTES, left // (PREFETCH + 1)) // max(rows * sample, 1))
     # a power of two: a default budget drifting with free memory rarely moves the window,
     # hence the fingerprint
-    return TargetFeed(True, total, budget, rows, 1 << (fit.bit_length() - 1), tuple(resident))
+    window = 1 << (fit.bit_length() - 1)
+    # then evened out over the epoch's windows: no sliver of a last window, behind which
+    # the next epoch's first window could not be read ahead
+    n_chunks = -(-n // rows)
+    window = -(-n_chunks // -(-n_chunks // window))
+    return TargetFeed(True, total, budget, rows, window, tuple(resident))
 
 
 def target_feed(ws: Workspace, name: str, levels: int, budget: int) -> TargetFeed | None:
@@ -169,9 +182,9 @@ def student_status(ws: Workspace, name: str, levels: int, budget: int | None = N
         student_fingerprint(ws, name, levels, budget))
 
 
-def _with_targets(pipe, stream: TargetStream):
+def _with_targets(pipe, stream):
     """Pipeline batches beside their streamed targets: both slice one order alike."""
-    rows = iter(stream)
+    rows = iter(stream)  # a TargetStream, or one epoch of an EpochStream
     try:
         for b in pipe:
             t = next(rows)
@@ -220,8 +233,15 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
         return chunk_order(N, epoch, ws.exp.seed, V, feed.chunk_rows, feed.window, rank(),
                            world())
 
+    stream = None
     if streaming:
-        steps = -(-len(order_of(0)) // rank_batch(cfg))  # rank 0's share is the largest
+        # one reader across epochs: the next epoch's first window is read while this one
+        # ends (closed after fit, below)
+        stream = EpochStream(zg, names, order_of, rank_batch(cfg), epochs=cfg.epochs,
+                             chunk_rows=feed.chunk_rows, window=feed.window,
+                             device=opts.device, prefetch=PREFETCH, hint=group._rebuild_hint,
+                             resident=resident)
+        steps = -(-len(stream.order(0)) // rank_batch(cfg))  # rank 0's share is the largest
     meta = base_meta("student", dataset=name, source=entry.source, arch=entry.arch,
                      num_classes=ds.num_classes, classes=ds.classes, levels=levels,
                      input_size=entry.input_size, model_kwargs=entry.model_kwargs,
@@ -229,13 +249,11 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
                      loss_backend=backend, train=vars(cfg).copy(), seed=ws.exp.seed)
 
     def batches(epoch):
-        if streaming:
-            order = order_of(epoch)
-            stream = TargetStream(zg, names, order, rank_batch(cfg), chunk_rows=feed.chunk_rows,
-                                  window=feed.window, device=opts.device, prefetch=PREFETCH,
-                                  hint=group._rebuild_hint, resident=resident)
+        if stream is not None:
+            order = stream.order(epoch)  # the very pairs the stream reads: pixels match
             return _with_targets(pipeline_for(ws, opts, name, "train", spec, order,
-                                              rank_batch(cfg), view_augment(ws, name)), stream)
+                                              rank_batch(cfg), view_augment(ws, name)),
+                                 stream.epoch(epoch))
         order = train_order(N, epoch, ws.exp.seed, V, rank(), world())  # this rank's share
         # the views the targets were cached for, AutoAugment included (replayable)
         return ((b, None) for b in pipeline_for(ws, opts, name, "train", spec, order,
@@ -267,10 +285,14 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
             f"{format_size(feed.budget)}: streaming chunk-shuffled windows of {feed.window} "
             f"chunks ({feed.window * feed.chunk_rows} samples)"
             + (f", {', '.join(feed.resident)} held in memory" if feed.resident else ""))
-    res = fit(title=f"distill {name} L{levels}", model=student, cfg=cfg, device=opts.device,
-              steps_per_epoch=steps, batches=batches, step=step,
-              evaluate=lambda: evaluate_images(ws, opts, name, spec, student.backbone.model),
-              run=run)
+    try:
+        res = fit(title=f"distill {name} L{levels}", model=student, cfg=cfg,
+                  device=opts.device, steps_per_epoch=steps, batches=batches, step=step,
+                  evaluate=lambda: evaluate_images(ws, opts, name, spec, student.backbone.model),
+                  run=run)
+    finally:
+        if stream is not None:
+            stream.close()  # the reader thread reading ahead into the next epoch
     if is_main():  # under torchrun rank 0 writes; run_distill's barrier follows
         write_student_config(out, student.backbone.model)
     return res.last

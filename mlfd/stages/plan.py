@@ -176,11 +176,11 @@ def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int) 
         if s.verb == "teach":
             teach(ws, opts, s.target)
         elif s.verb == "cache" and s.target.startswith("teacher"):
-            on_main(cache_teachers, ws, opts, levels)  # rank 0 extracts, the others wait
+            cache_teachers(ws, opts, levels)  # every rank extracts its own rows
         elif s.verb == "fuse":
             fuse(ws, opts, levels)
         elif s.verb == "cache":
-            on_main(cache_targets, ws, opts, levels, names)
+            cache_targets(ws, opts, levels, names)
         else:
             distill(ws, opts, s.target.split()[0], levels)
         barrier()  # what rank 0 wrote is there before any rank reads it in the next step
