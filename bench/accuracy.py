@@ -13,6 +13,11 @@ so running it again after an interruption continues where it stopped.
 
     python bench/accuracy.py --preset demo --seeds 0 1 2 --levels 1 2
     python bench/accuracy.py --preset trio --data-root ../shared/data --seeds 0 1 2
+
+Choosing a recipe happens on a validation split held out of train, never on the test split:
+
+    python bench/accuracy.py --preset trio --data-root ../shared/data --holdout 0.1 \
+        --seeds 0 --no-baselines --tag equal-steps --set datasets.animal-mnist.teach.epochs=12
 """
 
 from __future__ import annotations
@@ -47,23 +52,78 @@ def mlfd(*args, log) -> dict:
     return json.loads(proc.stdout)
 
 
-def run_models(preset: str, seed: int, levels: list[int], work: Path, common: list) -> dict:
+def set_value(exp, assignment: str) -> None:
+    """Apply one ``--set KEY=VALUE`` to an experiment: ``distill.epochs=4`` or, for one
+    dataset's own values, ``datasets.NAME.teach.epochs=12``; VALUE is read as JSON, else YAML."""
+    import yaml
+
+    path, sep, text = assignment.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE")
+    try:  # JSON first: YAML 1.1 reads 5e-4 as a string
+        value = json.loads(text)
+    except ValueError:
+        value = yaml.safe_load(text)
+    keys = path.split(".")
+    if keys[0] == "datasets":
+        if len(keys) != 4 or keys[2] not in ("teach", "distill"):
+            raise SystemExit(f"--set {path}: expected datasets.NAME.teach|distill.KEY")
+        getattr(exp.entry(keys[1]), keys[2])[keys[3]] = value
+        return
+    obj = exp
+    for k in keys[:-1]:
+        obj = getattr(obj, k)
+    if not hasattr(obj, keys[-1]):
+        raise SystemExit(f"--set {path}: no such setting")
+    setattr(obj, keys[-1], value)
+
+
+def workdir(args, seed: int) -> tuple[Path, Path]:
+    w = args.work / f"{args.name}-seed{seed}"
+    return w, w.with_suffix(".log")
+
+
+def create(args, seed: int) -> None:
+    """Write the seed's experiment.yaml (preset, seed, holdout, --set values) where it is
+    missing or says otherwise; the stages' own checks then redo only what it changes (so a
+    copy of another variant's workdir keeps what the two share)."""
+    from mlfd.config import Experiment
+    from mlfd.presets import get_preset
+
+    w, _ = workdir(args, seed)
+    exp = get_preset(args.preset)
+    exp.seed, exp.levels, exp.holdout = seed, max(args.levels), args.holdout
+    for a in args.set:
+        set_value(exp, a)
+    exp.validate()
+    path = w / "experiment.yaml"
+    if path.exists():
+        on_disk = Experiment.load(path)
+        exp.cache.uri = on_disk.cache.uri
+        if on_disk.to_dict() == exp.to_dict():
+            return
+    w.mkdir(parents=True, exist_ok=True)
+    exp.save(path)
+
+
+def run_models(args, seed: int, common: list) -> dict:
     """Teachers, joint teachers and students of one seed, at every level."""
-    w, log = work / f"{preset}-seed{seed}", work / f"{preset}-seed{seed}.log"
+    create(args, seed)
+    w, log = workdir(args, seed)
     seconds = {}
-    for k in levels:
+    for k in args.levels:
         t0 = time.perf_counter()
-        mlfd("distill", "--preset", preset, "--workdir", w, "--seed", seed, "--dataset", "all",
-             "--levels", k, *common, log=log)
+        mlfd("distill", "--workdir", w, "--dataset", "all", "--levels", k, *common, log=log)
         seconds[f"distill-L{k}"] = time.perf_counter() - t0
     return seconds
 
 
-def run_baselines(preset: str, seed: int, work: Path, common: list) -> dict:
+def run_baselines(args, seed: int, common: list) -> dict:
     """The multi-head and joint-head baselines of every architecture a student has."""
     from mlfd.config import Experiment
 
-    w, log = work / f"{preset}-seed{seed}", work / f"{preset}-seed{seed}.log"
+    create(args, seed)
+    w, log = workdir(args, seed)
     exp = Experiment.load(w / "experiment.yaml")
     archs = {}
     for e in exp.datasets:  # first dataset of each architecture gives its input size
@@ -78,8 +138,8 @@ def run_baselines(preset: str, seed: int, work: Path, common: list) -> dict:
     return seconds
 
 
-def evaluate(preset: str, seed: int, work: Path, common: list) -> list[dict]:
-    w, log = work / f"{preset}-seed{seed}", work / f"{preset}-seed{seed}.log"
+def evaluate(args, seed: int, common: list) -> list[dict]:
+    w, log = workdir(args, seed)
     return mlfd("eval", "--workdir", w, *common, log=log)["rows"]
 
 
@@ -132,10 +192,11 @@ def student_arch(seeds: list[dict], dataset: str) -> str:
                 if r["dataset"] == dataset and r["model"] == "teacher")
 
 
-def markdown(agg: dict, seeds: list[dict], levels: list[int]) -> str:
+def markdown(agg: dict, seeds: list[dict], levels: list[int], split: str = "test") -> str:
     """Table 2 layout (same-architecture baselines per dataset) and the Table 4 ablation."""
     datasets = list(agg)
-    lines = [f"Top-1 % on the test split, mean ± std over {len(seeds)} seed(s).", "",
+    where = "the test split" if split == "test" else f"the {split} (not the test split)"
+    lines = [f"Top-1 % on {where}, mean ± std over {len(seeds)} seed(s).", "",
              "| model | " + " | ".join(datasets) + " |",
              "|---|" + "---:|" * len(datasets)]
     rows = [("dataset-specific (teacher)", lambda d: agg[d].get(
@@ -169,16 +230,31 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--first-complete", action="store_true",
                     help="the first seed's baselines before the other seeds' models")
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="measure on this fraction held out of train, not on the test split "
+                         "(for choosing a recipe)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change the preset (repeatable): distill.epochs=4, "
+                         "datasets.NAME.teach.epochs=12")
+    ap.add_argument("--tag", default="", help="names this variant's workdirs and results")
+    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train the multi-head and joint-head baselines")
+    ap.add_argument("--include", type=Path, default=None, metavar="JSON",
+                    help="take the seeds not run now from an earlier results file of the same "
+                         "preset, levels, holdout and --set values")
     args = ap.parse_args()
+    args.name = args.preset + (f"-holdout{args.holdout:g}" if args.holdout else "") + \
+        (f"-{args.tag}" if args.tag else "")
     common = ["--device", args.device] + (["--data-root", args.data_root] if args.data_root
                                           else [])
     args.work.mkdir(parents=True, exist_ok=True)
     today = dt.date.today().isoformat()
-    out = args.out or ROOT / "bench" / "results" / f"accuracy-{args.preset}-{today}.json"
+    out = args.out or ROOT / "bench" / "results" / f"accuracy-{args.name}-{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seconds: dict[int, dict] = {s: {} for s in args.seeds}
     rows: dict[int, list] = {}
+    args.included = include(args) if args.include else []
     # Students of every seed first, then the baselines: a sweep cut short still has the
     # spread of the method's own numbers. Results are rewritten after every phase.
     if args.first_complete:  # one whole seed first: every comparison has at least one seed
@@ -187,18 +263,36 @@ def main() -> None:
                   + [(s, "baselines") for s in rest])
     else:
         phases = [(s, "models") for s in args.seeds] + [(s, "baselines") for s in args.seeds]
+    if not args.baselines:
+        phases = [p for p in phases if p[1] == "models"]
     for seed, phase in phases:
         if phase == "models":
-            seconds[seed].update(run_models(args.preset, seed, args.levels, args.work, common))
+            seconds[seed].update(run_models(args, seed, common))
         else:
-            seconds[seed].update(run_baselines(args.preset, seed, args.work, common))
-        rows[seed] = evaluate(args.preset, seed, args.work, common)
-        seeds = [{"seed": s, "rows": rows[s], "seconds": seconds[s]} for s in args.seeds
-                 if s in rows]
+            seconds[seed].update(run_baselines(args, seed, common))
+        rows[seed] = evaluate(args, seed, common)
+        seeds = args.included + [{"seed": s, "rows": rows[s], "seconds": seconds[s]}
+                                 for s in args.seeds if s in rows]
         write(out, args, seeds, time.perf_counter() - t0, today)
         print(f"seed {seed} {phase}: done", flush=True)
     print(out.with_suffix(".md").read_text())
     print(f"-> {out}")
+
+
+def include(args) -> list[dict]:
+    """Per-seed results of an earlier run of the same experiment, for seeds not run now."""
+    doc = json.loads(args.include.read_text())
+    mine = {"preset": args.preset, "levels": args.levels, "holdout": args.holdout,
+            "set": args.set}
+    theirs = {"preset": doc["preset"], "levels": doc["levels"],
+              "holdout": doc.get("holdout", 0.0), "set": doc.get("set", [])}
+    if mine != theirs:
+        raise SystemExit(f"--include {args.include}: another experiment ({theirs} vs {mine})")
+    kept = [dict(s, included_from=str(args.include.name)) for s in doc["per_seed"]
+            if s["seed"] not in args.seeds]
+    if not kept:
+        raise SystemExit(f"--include {args.include}: no seed there that is not run now")
+    return kept
 
 
 def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
@@ -209,9 +303,10 @@ def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
     from mlfd.info import cpu_model
 
     agg = aggregate(seeds)
-    table = markdown(agg, seeds, args.levels)
+    split = seeds[0]["rows"][0].get("split", "test") if seeds and seeds[0]["rows"] else "test"
+    table = markdown(agg, seeds, args.levels, split)
     doc = {"preset": args.preset, "date": today, "seeds": [s["seed"] for s in seeds],
-           "levels": args.levels,
+           "levels": args.levels, "holdout": args.holdout, "set": args.set, "split": split,
            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                        else None, "platform": platform.platform()},

@@ -95,6 +95,10 @@ class Experiment:
     preset: str = "custom"
     seed: int = 0
     levels: int = 2
+    # > 0: every stage trains on the rest of each training split and measures on this
+    # class-stratified fraction of it in place of the test split (a fixed draw), so that
+    # recipes are chosen without looking at the test set.
+    holdout: float = 0.0
     datasets: list[DatasetEntry] = field(default_factory=list)
     teach: TrainConfig = field(default_factory=TrainConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
@@ -145,6 +149,8 @@ class Experiment:
             raise MlfdError(f"dataset names must be unique: {names}")
         if self.levels < 1:
             raise MlfdError(f"--levels must be >= 1, got {self.levels}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise MlfdError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
         for section in ("teach", "fuse", "distill"):
             _check_train(section, getattr(self, section))
         for d in self.datasets:

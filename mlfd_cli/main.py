@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -85,7 +86,7 @@ Json = Annotated[bool, typer.Option(
     "--json", metavar="", help="Print one JSON document on stdout.")]
 Preset = Annotated[str | None, typer.Option(
     "--preset", metavar="NAME",
-    help="demo | paper-t1 | paper-t2, for a workspace without an experiment yet.")]
+    help="demo | trio | paper-t1 | paper-t2, for a workspace without an experiment yet.")]
 Teacher = Annotated[list[str] | None, typer.Option(
     "--teacher", metavar="DATASET=ARCH",
     help="A teacher per dataset (repeatable): define a custom experiment. ARCH:noflip "
@@ -98,6 +99,11 @@ Epochs = Annotated[int | None, typer.Option(
 BatchSize = Annotated[int | None, typer.Option(
     "--batch-size", metavar="N", help="Override batch sizes.")]
 Lr = Annotated[float | None, typer.Option("--lr", metavar="FLOAT", help="Override learning rates.")]
+Holdout = Annotated[float | None, typer.Option(
+    "--holdout", metavar="FRACTION",
+    help="New experiment: hold out this class-stratified fraction of every training split "
+         "(a fixed draw) and measure on it instead of the test split, to choose a recipe "
+         "without the test set; saved in experiment.yaml.")]
 Pipeline = Annotated[str, typer.Option(
     "--pipeline", metavar="PIPELINE", help="auto | dali | torch")]
 LossBackend = Annotated[str | None, typer.Option(
@@ -125,7 +131,7 @@ Nproc = Annotated[int | None, typer.Option(
 
 
 def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epochs, batch_size,
-          lr, levels):
+          lr, levels, holdout=None):
     """Resolve the workspace and apply per-run overrides (not written back to the file).
 
     Nothing is written here: the caller validates the whole run first, then ``_session``
@@ -166,6 +172,8 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
         new.seed = seed
     if new is not None and levels is not None:
         new.levels = levels
+    if new is not None and holdout is not None:
+        new.holdout = holdout
     exists = (Path(workdir) / EXPERIMENT_FILE).exists()
     if exists and (preset or teachers):
         current = Experiment.load(Path(workdir) / EXPERIMENT_FILE)
@@ -176,6 +184,9 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
                             f"{workdir}/{EXPERIMENT_FILE} or choose another --workdir")
     ws = Workspace.open(Path(workdir), new, data_root)
     exp = ws.exp
+    if holdout is not None and exp.holdout != holdout:
+        raise MlfdError(f"--holdout {holdout:g}: {workdir} already holds an experiment with "
+                        f"holdout {exp.holdout:g}; choose another --workdir")
     if seed is not None:
         exp.seed = seed
     exp.override(epochs=epochs, batch_size=batch_size, lr=lr)
@@ -558,6 +569,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
           epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
           pipeline: Pipeline = "auto", force: Force = False, restart: Restart = False,
           dry_run: DryRun = False, log_to: LogTo = None, nproc: Nproc = None,
+          holdout: Holdout = None,
           baseline: Annotated[str | None, typer.Option(
               "--baseline", metavar="KIND", help="multi-head | joint-head: train a "
                                                  "multi-dataset baseline instead of the teachers.")]
@@ -593,7 +605,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
 
     opts = _opts(device, pipeline, force=force, restart=restart, log=log_to)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
-               lr, None)
+               lr, None, holdout)
     if auto_augment is not None:
         policy = None if auto_augment.lower() == "none" else auto_augment
         ws.exp.teach.auto_augment = check_auto_augment(policy)
@@ -711,7 +723,7 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
             lr: Lr = None, pipeline: Pipeline = "auto", loss_backend: LossBackend = None,
             force: Force = False, restart: Restart = False, dry_run: DryRun = False,
             log_to: LogTo = None, cache_uri: CacheUri = None, nproc: Nproc = None,
-            cache_memory: Annotated[str | None, typer.Option(
+            holdout: Holdout = None, cache_memory: Annotated[str | None, typer.Option(
                 "--cache-memory", metavar="SIZE",
                 help="Memory for the joint targets, e.g. 4GiB, 512MiB, 1.5G, per process "
                      "(default: half the free memory, GPU memory too on CUDA, divided among "
@@ -736,7 +748,7 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
     if cache_memory is not None:
         opts.cache_memory = parse_size(cache_memory)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
-               lr, levels)
+               lr, levels, holdout)
     _set_cache_uri(ws, cache_uri)
     k = _levels(ws, levels)
     names = _names(ws, dataset)
@@ -945,8 +957,9 @@ def _human(n: int) -> str:
 @command()
 def clean(workdir: Workdir = None,
           caches: Annotated[bool, typer.Option(
-              "--caches", metavar="", help="Remove cache/*.zarr and staged runs (.*.partial): "
-                                           "trained results stay.")] = False,
+              "--caches", metavar="", help="Remove cache/*.zarr (or the stores under cache.uri) "
+                                           "and staged runs (.*.partial): trained results "
+                                           "stay.")] = False,
           everything: Annotated[bool, typer.Option(
               "--all", metavar="", help="Also remove every trained result and report; "
                                         "experiment.yaml stays.")] = False,
@@ -974,31 +987,48 @@ def clean(workdir: Workdir = None,
                         "removed")
     ws = Workspace.open(root)
 
-    def report(sizes: list[tuple[Path, int]]) -> None:
+    def report(sizes: list[tuple[str, int]]) -> None:
         total = sum(n for _, n in sizes)
         write = partial(print, file=sys.stderr if json_out else sys.stdout)
         verb = "would remove" if dry_run else "removed"
         for p, n in sizes:
-            write(f"{verb} {p.relative_to(ws.root)} ({_human(n)})")
+            shown = Path(p).relative_to(ws.root) if Path(p).is_relative_to(ws.root) else p
+            write(f"{verb} {shown} ({_human(n)})")
         write(f"{verb} {len(sizes)} path(s), {total} bytes ({_human(total)}) from {ws.root}"
+              + (f" and {ws.exp.cache.uri}" if ws.exp.cache.uri else "")
               + ("; dry run: nothing was removed" if dry_run else ""))
         if json_out:
             sys.stdout.write(json.dumps({
                 "workdir": str(ws.root), "dry_run": dry_run, "bytes": total,
-                "removed": [{"path": str(p), "bytes": n} for p, n in sizes]}) + "\n")
+                "removed": [{"path": p, "bytes": n} for p, n in sizes]}) + "\n")
+
+    def targets() -> list[tuple[str, int, Callable[[], None]]]:
+        found = [(str(p), _size(p), partial(_remove, p))
+                 for p in _clean_targets(ws.root, everything)]
+        if ws.exp.cache.uri:  # caches kept elsewhere (cache.uri) are this workdir's too
+            from mlfd.cache.store import stores_under
+
+            local = [Path(p) for p, _, _ in found]
+            found += [(p, n, d.remove) for p, n, d in stores_under(ws.cache_root())
+                      if not any(Path(p).is_relative_to(q) for q in local)]
+        return found
 
     if dry_run:
         set_read_only()  # no lock is taken: nothing is touched
-        return report([(p, _size(p)) for p in _clean_targets(ws.root, everything)])
+        return report([(p, n) for p, n, _ in targets()])
     with ws.locked():
         sizes = []
-        for p in _clean_targets(ws.root, everything):
-            sizes.append((p, _size(p)))
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        for p, n, remove in targets():
+            remove()
+            sizes.append((p, n))
     report(sizes)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
 
 
 @command()

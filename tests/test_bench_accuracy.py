@@ -39,3 +39,36 @@ def test_aggregate_by_hand():
     seeds[0]["rows"].append(_row("d", "joint-head", 0.3))  # in one of the two seeds only
     table = accuracy.markdown({"d": accuracy.aggregate(seeds)["d"]}, seeds, [2])
     assert "| joint-head (same arch) | 30.00 (n=1) |" in table
+
+
+def test_set_values_change_the_preset_where_they_say():
+    from mlfd.presets import get_preset
+
+    exp = get_preset("trio")
+    accuracy.set_value(exp, "datasets.animal-mnist.teach.epochs=12")
+    accuracy.set_value(exp, "distill.lr=5e-4")
+    assert exp.stage("teach", "animal-mnist").epochs == 12
+    assert exp.stage("teach", "mnist").epochs == 2  # the other datasets keep the section's
+    assert exp.distill.lr == 5e-4 and isinstance(exp.distill.lr, float)
+    for wrong in ("distill.nope=1", "datasets.mnist.fuse.epochs=1", "distill.lr"):
+        with pytest.raises(SystemExit):
+            accuracy.set_value(exp, wrong)
+
+
+def test_include_takes_only_seeds_of_the_same_experiment(tmp_path):
+    import argparse
+    import json
+
+    earlier = tmp_path / "earlier.json"
+    per_seed = [{"seed": 0, "rows": [_row("d", "teacher", 0.5)], "seconds": {}},
+                {"seed": 1, "rows": [_row("d", "teacher", 0.7)], "seconds": {}}]
+    earlier.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "per_seed": per_seed}))
+    args = argparse.Namespace(include=earlier, preset="trio", levels=[1, 2], holdout=0.0,
+                              set=[], seeds=[1, 2])
+    kept = accuracy.include(args)
+    assert [s["seed"] for s in kept] == [0] and kept[0]["included_from"] == "earlier.json"
+    for other in ({"holdout": 0.1}, {"set": ["distill.epochs=4"]}, {"levels": [2]}):
+        with pytest.raises(SystemExit, match="another experiment"):
+            accuracy.include(argparse.Namespace(**{**vars(args), **other}))
+    with pytest.raises(SystemExit, match="no seed"):
+        accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [0, 1]}))

@@ -218,6 +218,47 @@ def test_clean_caches_keeps_checkpoints_then_all_keeps_the_experiment(ws, capsys
     assert (ws / "experiment.yaml").read_bytes() == experiment
 
 
+def test_clean_caches_removes_the_stores_under_cache_uri(ws, tmp_path, capsys):
+    import shutil
+
+    import fsspec
+    import yaml
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for store in (ws / "cache").glob("*.zarr"):
+        shutil.move(store, elsewhere / store.name)
+    staged = elsewhere / ".targets-L2.zarr.partial"
+    staged.mkdir()
+    (staged / "c0").write_bytes(b"y" * 300)
+    (elsewhere / "notes.txt").write_text("not a cache: stays")
+    exp = yaml.safe_load((ws / "experiment.yaml").read_text())
+    exp["cache"]["uri"] = str(elsewhere)
+    (ws / "experiment.yaml").write_text(yaml.safe_dump(exp))
+    want = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            for p in elsewhere.iterdir() if p.is_dir()}
+    assert set(want) == {"teachers-L2.zarr", "targets-L2.zarr", ".targets-L2.zarr.partial"}
+
+    code, out, err = run(capsys, "clean", "--workdir", ws, "--caches", "--json")
+    assert code == 0, err
+    removed = {Path(r["path"]).name: r["bytes"] for r in json.loads(out)["removed"]}
+    assert removed == want  # sizes measured independently above
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["notes.txt"]
+    assert (ws / "students/alpha/L2/last.safetensors").exists()
+
+    # an fsspec URL: the same, through the filesystem's own listing
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/clean-test/teachers-L2.zarr/zarr.json": b"{}",
+             "/clean-test/teachers-L2.zarr/c/0": b"z" * 500,
+             "/clean-test/keep.txt": b"k"})
+    exp["cache"]["uri"] = "memory://clean-test"
+    (ws / "experiment.yaml").write_text(yaml.safe_dump(exp))
+    code, out, err = run(capsys, "clean", "--workdir", ws, "--caches")
+    assert code == 0, err
+    assert "removed memory://clean-test/teachers-L2.zarr (502 bytes)" in out
+    assert not fs.exists("/clean-test/teachers-L2.zarr") and fs.exists("/clean-test/keep.txt")
+
+
 # --------------------------------------------------------------------------- logs
 
 

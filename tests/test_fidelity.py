@@ -222,6 +222,22 @@ def test_baseline_uses_the_arch_entrys_drop_rates(tmp_path, monkeypatch):
     assert 0 < drop_path <= 0.05
 
 
+def test_baseline_takes_its_arch_entrys_values_but_the_sections_epochs():
+    from mlfd.stages.baselines import baseline_config
+
+    exp = Experiment(datasets=[
+        DatasetEntry("big", "big", "test_resnet", 32, teach={"lr": 0.01, "epochs": 2}),
+        DatasetEntry("small", "small", "test_vit", 32, teach={"lr": 0.02, "epochs": 15}),
+    ], teach=TrainConfig(epochs=3, lr=0.1, batch_size=8))
+    # A small dataset's own epoch count is for passes over its own images; a baseline's
+    # epoch is a pass over the largest dataset, so it keeps the section's 3 epochs.
+    assert (baseline_config(exp, "test_vit").lr, baseline_config(exp, "test_vit").epochs) == \
+        (0.02, 3)
+    assert (baseline_config(exp, "test_resnet").lr, baseline_config(exp, "test_resnet").epochs) \
+        == (0.01, 3)
+    assert exp.stage("teach", "small").epochs == 15  # the teacher itself keeps its own
+
+
 def test_new_fields_default_to_todays_behaviour():
     cfg = TrainConfig()
     assert (cfg.init, cfg.schedule) == ("default", "cosine")

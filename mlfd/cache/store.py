@@ -193,6 +193,24 @@ def join(location: Path | str, *parts: str) -> Path | str:
     return Path(location).joinpath(*parts)
 
 
+def stores_under(location: Path | str) -> list[tuple[str, int, object]]:
+    """(path or URL, bytes, handle with ``remove()``) of every cache store directly under
+    ``location`` and of every staged one (``.*.zarr.partial``), for `mlfd clean`."""
+    fs, path = (None, location) if not isinstance(location, str) else _url_to_fs(location)
+    if fs is None:
+        base = Path(path)
+        found = sorted(p for pattern in ("*.zarr", ".*.zarr.partial") for p in base.glob(pattern)
+                       if p.is_dir())
+        return [(str(p), _LocalDir(p).nbytes(), _LocalDir(p)) for p in found]
+    out = []
+    for pattern in ("*.zarr", ".*.zarr.partial"):
+        for p in sorted(fs.glob(f"{str(path).rstrip('/')}/{pattern}")):
+            if fs.isdir(p):
+                d = _RemoteDir(fs, p)
+                out.append((f"{location.rstrip('/')}/{p.rsplit('/', 1)[-1]}", d.nbytes(), d))
+    return out
+
+
 def _url_to_fs(url: str):
     """(fsspec filesystem, path on it), or (None, path) for the local disk."""
     if why := check_uri(url):

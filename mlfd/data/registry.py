@@ -139,6 +139,55 @@ class Dataset:
         return self._fingerprint
 
 
+# The held-out images do not depend on the experiment's seed: every seed and every
+# candidate recipe is compared on the same validation images.
+HOLDOUT_SEED = 0
+
+
+def holdout_indices(labels: np.ndarray, fraction: float, seed: int = HOLDOUT_SEED) -> np.ndarray:
+    """Sorted indices of a class-stratified ``fraction`` of ``labels``: round(fraction * n_c)
+    of every class c, at least one of each class with two or more images, never all of one."""
+    labels = np.asarray(labels, np.int64)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        k = min(max(int(round(fraction * len(rows))), 1), len(rows) - 1)
+        picked.append(rng.permutation(rows)[:k])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def _subset(split: Split, idx: np.ndarray) -> Split:
+    if split.images is not None:
+        return Split(labels=split.labels[idx], images=split.images[idx])
+    return Split(labels=split.labels[idx], files=[split.files[i] for i in idx.tolist()])
+
+
+def with_holdout(ds: Dataset, fraction: float) -> Dataset:
+    """``ds`` with a validation set carved from its training split: ``train`` is the rest and
+    ``test`` is the held-out part; the real test split is never read. Hyperparameters are
+    chosen on this view of the data (``Experiment.holdout``), not on the test set."""
+    if not 0.0 < fraction < 1.0:
+        raise MlfdError(f"holdout must be a fraction between 0 and 1, got {fraction}")
+    parts: dict[str, Split] = {}
+
+    def load(split: str) -> Split:
+        if not parts:
+            train = ds.load("train")
+            held = holdout_indices(train.labels, fraction)
+            rest = np.setdiff1d(np.arange(len(train)), held, assume_unique=True)
+            parts["train"], parts["test"] = _subset(train, rest), _subset(train, held)
+        return parts[split]
+
+    return Dataset(
+        name=ds.name, classes=ds.classes, channels=ds.channels, image_size=ds.image_size,
+        mean=ds.mean, std=ds.std, source=ds.source, license=ds.license, loader=load,
+        split_names=["train", "test"],
+        fingerprinter=lambda: hashlib.sha256(
+            f"{ds.fingerprint()}|holdout={fraction!r}|seed={HOLDOUT_SEED}".encode()).hexdigest(),
+    )
+
+
 MIN_CLASSES = 2
 
 

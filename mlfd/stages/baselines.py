@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -76,6 +77,14 @@ def baseline_entry(exp, arch: str):
     return next((d for d in exp.datasets if d.arch == arch), exp.datasets[0])
 
 
+def baseline_config(exp, arch: str):
+    """The teach values of the architecture's entry, but the section's epochs: a baseline's
+    epoch is a pass over the largest dataset, so an epoch count set for one dataset's own
+    size (e.g. more epochs for a small one) does not carry over."""
+    cfg = exp.stage("teach", baseline_entry(exp, arch).name)
+    return dataclasses.replace(cfg, epochs=exp.teach.epochs)
+
+
 def baseline_drops(exp, arch: str) -> dict:
     e = baseline_entry(exp, arch)
     return {"drop_rate": e.drop_rate, "drop_path_rate": e.drop_path_rate}
@@ -89,9 +98,8 @@ def baseline_model_kwargs(exp, arch: str) -> dict:
 def baseline_fingerprint(ws: Workspace, kind: str, arch: str, size: int) -> dict:
     data = {n: dataset_of(ws, n).fingerprint() for n in ws.exp.names()}
     hflip = {e.name: e.hflip for e in ws.exp.datasets}
-    e = baseline_entry(ws.exp, arch)
     return flatten({"baseline": kind, "arch": arch, "input_size": size, "data": data,
-                    "hflip": hflip, "teach": ws.exp.stage("teach", e.name), "seed": ws.exp.seed,
+                    "hflip": hflip, "teach": baseline_config(ws.exp, arch), "seed": ws.exp.seed,
                     "model_kwargs": baseline_model_kwargs(ws.exp, arch),
                     **baseline_drops(ws.exp, arch)})
 
@@ -100,7 +108,7 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
                    input_size: int | None = None) -> dict:
     exp = ws.exp
     arch = arch or exp.datasets[0].arch
-    cfg = exp.stage("teach", baseline_entry(exp, arch).name)
+    cfg = baseline_config(exp, arch)
     size = input_size or exp.datasets[0].input_size
     names = exp.names()
     data = [dataset_of(ws, n) for n in names]

@@ -9,7 +9,7 @@ import torch
 
 from .. import __version__
 from ..data.pipeline import InputSpec, build_pipeline
-from ..data.registry import Dataset, get_dataset
+from ..data.registry import Dataset, get_dataset, with_holdout
 from ..data.sampling import eval_order
 from ..data.views import ViewConfig
 from ..engine.checkpoint import load_into, load_meta
@@ -38,15 +38,23 @@ class RunOptions:
     cache_memory: int | None = None
 
 
-_DATASETS: dict[tuple[str, str | None], Dataset] = {}
+_DATASETS: dict[tuple, Dataset] = {}
 
 
 def dataset_of(ws: Workspace, name: str) -> Dataset:
+    """The data of dataset ``name`` as the experiment sees it: with ``holdout`` set, its
+    "test" split is the part held out of train (see ``registry.with_holdout``)."""
     entry = ws.exp.entry(name)
-    key = (entry.source, ws.data_root)
+    key = (entry.source, ws.data_root, ws.exp.holdout)
     if key not in _DATASETS:
-        _DATASETS[key] = get_dataset(entry.source, ws.data_root)
+        ds = get_dataset(entry.source, ws.data_root)
+        _DATASETS[key] = with_holdout(ds, ws.exp.holdout) if ws.exp.holdout else ds
     return _DATASETS[key]
+
+
+def eval_split(ws: Workspace) -> str:
+    """What the "test" numbers of this experiment are measured on (rows and tables say it)."""
+    return f"holdout {ws.exp.holdout:g} of train" if ws.exp.holdout else "test"
 
 
 def input_spec(ws: Workspace, model_name: str) -> InputSpec:

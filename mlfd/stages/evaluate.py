@@ -1,4 +1,4 @@
-"""Stage `eval`: top-1/top-5 of every trained model on its test split.
+"""Stage `eval`: top-1/top-5 of every trained model on its test split (or the holdout).
 
 Only complete results are measured. Each row carries a ``status``: ``complete``, ``stale``
 (complete, but made for other inputs than the experiment now asks for: measured and
@@ -19,7 +19,7 @@ from ..models import create_backbone
 from ..workspace import Workspace
 from .baselines import baseline_rows
 from .cache import load_joint, load_teacher_inputs, teacher_group
-from .common import RunOptions, evaluate_images, input_spec, load_teacher
+from .common import RunOptions, eval_split, evaluate_images, input_spec, load_teacher
 from .distill import student_status
 from .fuse import joint_status
 from .teach import teacher_status
@@ -118,4 +118,5 @@ def evaluate(ws: Workspace, opts: RunOptions) -> list[dict]:
     names = ws.exp.names()
     rows.sort(key=lambda r: (names.index(r["dataset"]), order[r["model"]], r["levels"] or 0,
                              r["status"] == "incomplete"))
-    return rows
+    split = eval_split(ws)
+    return [dict(r, split=split) for r in rows]
