@@ -113,7 +113,8 @@ def run_models(args, seed: int, common: list) -> dict:
     seconds = {}
     for k in args.levels:
         t0 = time.perf_counter()
-        mlfd("distill", "--workdir", w, "--dataset", "all", "--levels", k, *common, log=log)
+        datasets = [a for n in args.students for a in ("--dataset", n)]
+        mlfd("distill", "--workdir", w, *datasets, "--levels", k, *common, log=log)
         seconds[f"distill-L{k}"] = time.perf_counter() - t0
     return seconds
 
@@ -236,6 +237,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="change the preset (repeatable): distill.epochs=4, "
                          "datasets.NAME.teach.epochs=12")
+    ap.add_argument("--students", nargs="+", default=["all"], metavar="NAME",
+                    help="distil only these datasets' students (their teachers, caches and "
+                         "joint teacher are all built as always)")
     ap.add_argument("--tag", default="", help="names this variant's workdirs and results")
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the multi-head and joint-head baselines")
