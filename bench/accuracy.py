@@ -223,7 +223,8 @@ def markdown(agg: dict, seeds: list[dict], levels: list[int], split: str = "test
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="demo")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                    help="seeds to run (none: only merge --include files)")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--device", default="auto")
@@ -243,9 +244,9 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="names this variant's workdirs and results")
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the multi-head and joint-head baselines")
-    ap.add_argument("--include", type=Path, default=None, metavar="JSON",
+    ap.add_argument("--include", type=Path, action="append", default=[], metavar="JSON",
                     help="take the seeds not run now from an earlier results file of the same "
-                         "preset, levels, holdout and --set values")
+                         "preset, levels, holdout and --set values (repeatable)")
     args = ap.parse_args()
     args.name = args.preset + (f"-holdout{args.holdout:g}" if args.holdout else "") + \
         (f"-{args.tag}" if args.tag else "")
@@ -258,7 +259,9 @@ def main() -> None:
     t0 = time.perf_counter()
     seconds: dict[int, dict] = {s: {} for s in args.seeds}
     rows: dict[int, list] = {}
-    args.included = include(args) if args.include else []
+    args.included, args.included_wall = include(args) if args.include else ([], 0.0)
+    if not args.seeds and not args.included:
+        raise SystemExit("no --seeds to run and nothing to --include")
     # Students of every seed first, then the baselines: a sweep cut short still has the
     # spread of the method's own numbers. Results are rewritten after every phase.
     if args.first_complete:  # one whole seed first: every comparison has at least one seed
@@ -279,24 +282,33 @@ def main() -> None:
                                  for s in args.seeds if s in rows]
         write(out, args, seeds, time.perf_counter() - t0, today)
         print(f"seed {seed} {phase}: done", flush=True)
+    if not phases or not args.seeds:
+        write(out, args, args.included, 0.0, today)
     print(out.with_suffix(".md").read_text())
     print(f"-> {out}")
 
 
-def include(args) -> list[dict]:
-    """Per-seed results of an earlier run of the same experiment, for seeds not run now."""
-    doc = json.loads(args.include.read_text())
+def include(args) -> tuple[list[dict], float]:
+    """Per-seed results of earlier runs of the same experiment, for seeds not run now, and
+    the wall time those runs took."""
+    kept, wall = [], 0.0
     mine = {"preset": args.preset, "levels": args.levels, "holdout": args.holdout,
             "set": args.set}
-    theirs = {"preset": doc["preset"], "levels": doc["levels"],
-              "holdout": doc.get("holdout", 0.0), "set": doc.get("set", [])}
-    if mine != theirs:
-        raise SystemExit(f"--include {args.include}: another experiment ({theirs} vs {mine})")
-    kept = [dict(s, included_from=str(args.include.name)) for s in doc["per_seed"]
-            if s["seed"] not in args.seeds]
-    if not kept:
-        raise SystemExit(f"--include {args.include}: no seed there that is not run now")
-    return kept
+    for path in args.include:
+        doc = json.loads(path.read_text())
+        theirs = {"preset": doc["preset"], "levels": doc["levels"],
+                  "holdout": doc.get("holdout", 0.0), "set": doc.get("set", [])}
+        if mine != theirs:
+            raise SystemExit(f"--include {path}: another experiment ({theirs} vs {mine})")
+        new = [dict(s, included_from=s.get("included_from", path.name)) for s in doc["per_seed"]
+               if s["seed"] not in args.seeds]
+        if not new:
+            raise SystemExit(f"--include {path}: no seed there that is not run now")
+        if twice := {s["seed"] for s in new} & {s["seed"] for s in kept}:
+            raise SystemExit(f"--include {path}: seed(s) {sorted(twice)} given twice")
+        kept += new
+        wall += doc.get("wall_seconds", 0.0)
+    return sorted(kept, key=lambda s: s["seed"]), wall
 
 
 def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
@@ -316,7 +328,7 @@ def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
                        else None, "platform": platform.platform()},
            "versions": {"mlfd": mlfd.__version__, "torch": torch.__version__,
                         "zarr": zarr.__version__, "python": platform.python_version()},
-           "wall_seconds": wall, "aggregate": agg, "markdown": table, "per_seed": seeds}
+           "wall_seconds": wall + args.included_wall, "aggregate": agg, "markdown": table, "per_seed": seeds}
     out.write_text(json.dumps(doc, indent=2))
     out.with_suffix(".md").write_text(table)
 

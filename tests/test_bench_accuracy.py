@@ -63,10 +63,19 @@ def test_include_takes_only_seeds_of_the_same_experiment(tmp_path):
     per_seed = [{"seed": 0, "rows": [_row("d", "teacher", 0.5)], "seconds": {}},
                 {"seed": 1, "rows": [_row("d", "teacher", 0.7)], "seconds": {}}]
     earlier.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "per_seed": per_seed}))
-    args = argparse.Namespace(include=earlier, preset="trio", levels=[1, 2], holdout=0.0,
+    args = argparse.Namespace(include=[earlier], preset="trio", levels=[1, 2], holdout=0.0,
                               set=[], seeds=[1, 2])
-    kept = accuracy.include(args)
+    kept, wall = accuracy.include(args)
     assert [s["seed"] for s in kept] == [0] and kept[0]["included_from"] == "earlier.json"
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "wall_seconds": 7.5,
+                                 "per_seed": [dict(per_seed[1], seed=2)]}))
+    kept, wall = accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [],
+                                                        "include": [later, earlier]}))
+    assert [s["seed"] for s in kept] == [0, 1, 2] and wall == 7.5
+    with pytest.raises(SystemExit, match="given twice"):
+        accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [],
+                                               "include": [earlier, earlier]}))
     for other in ({"holdout": 0.1}, {"set": ["distill.epochs=4"]}, {"levels": [2]}):
         with pytest.raises(SystemExit, match="another experiment"):
             accuracy.include(argparse.Namespace(**{**vars(args), **other}))
