@@ -246,7 +246,8 @@ def main() -> None:
                     help="also train the multi-head and joint-head baselines")
     ap.add_argument("--include", type=Path, action="append", default=[], metavar="JSON",
                     help="take the seeds not run now from an earlier results file of the same "
-                         "preset, levels, holdout and --set values (repeatable)")
+                         "preset, levels, holdout and --set values (repeatable; a seed in "
+                         "several files: the last file's rows)")
     args = ap.parse_args()
     args.name = args.preset + (f"-holdout{args.holdout:g}" if args.holdout else "") + \
         (f"-{args.tag}" if args.tag else "")
@@ -304,9 +305,14 @@ def include(args) -> tuple[list[dict], float]:
                if s["seed"] not in args.seeds]
         if not new:
             raise SystemExit(f"--include {path}: no seed there that is not run now")
-        if twice := {s["seed"] for s in new} & {s["seed"] for s in kept}:
-            raise SystemExit(f"--include {path}: seed(s) {sorted(twice)} given twice")
-        kept += new
+        for s in new:  # a seed in several files: the later one's rows (e.g. a seed resumed
+            # to finish its baselines); the earlier runs' stage times are kept beside them
+            old = next((k for k in kept if k["seed"] == s["seed"]), None)
+            if old is not None:
+                kept.remove(old)
+                s["earlier_seconds"] = old.get("earlier_seconds", []) + [old["seconds"]]
+                s["included_from"] = f"{old['included_from']}, {s['included_from']}"
+            kept.append(s)
         wall += doc.get("wall_seconds", 0.0)
     return sorted(kept, key=lambda s: s["seed"]), wall
 

@@ -73,9 +73,18 @@ def test_include_takes_only_seeds_of_the_same_experiment(tmp_path):
     kept, wall = accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [],
                                                         "include": [later, earlier]}))
     assert [s["seed"] for s in kept] == [0, 1, 2] and wall == 7.5
-    with pytest.raises(SystemExit, match="given twice"):
-        accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [],
-                                               "include": [earlier, earlier]}))
+    # a seed in two files: the later file's rows, the earlier stage times kept beside them
+    resumed = tmp_path / "resumed.json"
+    resumed.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "per_seed": [
+        {"seed": 1, "rows": [_row("d", "teacher", 0.9)], "seconds": {"b": 2}}]}))
+    per_seed[1]["seconds"] = {"a": 1}
+    earlier.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "per_seed": per_seed}))
+    kept, _ = accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [],
+                                                     "include": [earlier, resumed]}))
+    one = [s for s in kept if s["seed"] == 1]
+    assert len(one) == 1 and one[0]["rows"][0]["top1"] == 0.9
+    assert one[0]["seconds"] == {"b": 2} and one[0]["earlier_seconds"] == [{"a": 1}]
+    assert one[0]["included_from"] == "earlier.json, resumed.json"
     for other in ({"holdout": 0.1}, {"set": ["distill.epochs=4"]}, {"levels": [2]}):
         with pytest.raises(SystemExit, match="another experiment"):
             accuracy.include(argparse.Namespace(**{**vars(args), **other}))
