@@ -80,7 +80,7 @@ def set_value(exp, assignment: str) -> None:
 
 def workdir(args, seed: int) -> tuple[Path, Path]:
     w = args.work / f"{args.name}-seed{seed}"
-    return w, w.with_suffix(".log")
+    return w, args.work / f"{w.name}.log"  # not with_suffix: "holdout0.1" has a dot
 
 
 def create(args, seed: int) -> None:

@@ -90,3 +90,13 @@ def test_include_takes_only_seeds_of_the_same_experiment(tmp_path):
             accuracy.include(argparse.Namespace(**{**vars(args), **other}))
     with pytest.raises(SystemExit, match="no seed"):
         accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [0, 1]}))
+
+
+def test_each_variant_has_its_own_workdir_and_log(tmp_path):
+    import argparse
+
+    a = argparse.Namespace(work=tmp_path, name="trio-holdout0.1")
+    b = argparse.Namespace(work=tmp_path, name="trio-holdout0.1-equal-images")
+    (wa, la), (wb, lb) = accuracy.workdir(a, 0), accuracy.workdir(b, 0)
+    assert (wa.name, la.name) == ("trio-holdout0.1-seed0", "trio-holdout0.1-seed0.log")
+    assert wb != wa and lb.name == "trio-holdout0.1-equal-images-seed0.log"
