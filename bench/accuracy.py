@@ -83,19 +83,36 @@ def workdir(args, seed: int) -> tuple[Path, Path]:
     return w, args.work / f"{w.name}.log"  # not with_suffix: "holdout0.1" has a dot
 
 
-def create(args, seed: int) -> None:
-    """Write the seed's experiment.yaml (preset, seed, holdout, --set values) where it is
-    missing or says otherwise; the stages' own checks then redo only what it changes (so a
-    copy of another variant's workdir keeps what the two share)."""
-    from mlfd.config import Experiment
+def experiment_for(args, seed: int):
+    """The experiment a seed runs: the preset, the seed, the holdout, the --set values."""
     from mlfd.presets import get_preset
 
-    w, _ = workdir(args, seed)
     exp = get_preset(args.preset)
     exp.seed, exp.levels, exp.holdout = seed, max(args.levels), args.holdout
     for a in args.set:
         set_value(exp, a)
     exp.validate()
+    return exp
+
+
+def recipe(args) -> str:
+    """Digest of everything the seeds share (the experiment but its seed): results files
+    made with another recipe (e.g. before a preset changed) are never merged with these."""
+    import hashlib
+
+    d = experiment_for(args, 0).to_dict()
+    d.pop("seed")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def create(args, seed: int) -> None:
+    """Write the seed's experiment.yaml (preset, seed, holdout, --set values) where it is
+    missing or says otherwise; the stages' own checks then redo only what it changes (so a
+    copy of another variant's workdir keeps what the two share)."""
+    from mlfd.config import Experiment
+
+    w, _ = workdir(args, seed)
+    exp = experiment_for(args, seed)
     path = w / "experiment.yaml"
     if path.exists():
         on_disk = Experiment.load(path)
@@ -246,8 +263,8 @@ def main() -> None:
                     help="also train the multi-head and joint-head baselines")
     ap.add_argument("--include", type=Path, action="append", default=[], metavar="JSON",
                     help="take the seeds not run now from an earlier results file of the same "
-                         "preset, levels, holdout and --set values (repeatable; a seed in "
-                         "several files: the last file's rows)")
+                         "preset, levels, holdout and recipe (the experiment but its seed; "
+                         "repeatable; a seed in several files: the last file's rows)")
     args = ap.parse_args()
     args.name = args.preset + (f"-holdout{args.holdout:g}" if args.holdout else "") + \
         (f"-{args.tag}" if args.tag else "")
@@ -260,6 +277,7 @@ def main() -> None:
     t0 = time.perf_counter()
     seconds: dict[int, dict] = {s: {} for s in args.seeds}
     rows: dict[int, list] = {}
+    args.recipe = recipe(args)
     args.included, args.included_wall = include(args) if args.include else ([], 0.0)
     if not args.seeds and not args.included:
         raise SystemExit("no --seeds to run and nothing to --include")
@@ -294,11 +312,12 @@ def include(args) -> tuple[list[dict], float]:
     the wall time those runs took."""
     kept, wall = [], 0.0
     mine = {"preset": args.preset, "levels": args.levels, "holdout": args.holdout,
-            "set": args.set}
+            "recipe": args.recipe}
     for path in args.include:
         doc = json.loads(path.read_text())
+        # files from before recipes were recorded: taken as made with the recipe of now
         theirs = {"preset": doc["preset"], "levels": doc["levels"],
-                  "holdout": doc.get("holdout", 0.0), "set": doc.get("set", [])}
+                  "holdout": doc.get("holdout", 0.0), "recipe": doc.get("recipe", args.recipe)}
         if mine != theirs:
             raise SystemExit(f"--include {path}: another experiment ({theirs} vs {mine})")
         new = [dict(s, included_from=s.get("included_from", path.name)) for s in doc["per_seed"]
@@ -329,6 +348,7 @@ def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
     table = markdown(agg, seeds, args.levels, split)
     doc = {"preset": args.preset, "date": today, "seeds": [s["seed"] for s in seeds],
            "levels": args.levels, "holdout": args.holdout, "set": args.set, "split": split,
+           "recipe": args.recipe,
            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                        else None, "platform": platform.platform()},

@@ -64,7 +64,7 @@ def test_include_takes_only_seeds_of_the_same_experiment(tmp_path):
                 {"seed": 1, "rows": [_row("d", "teacher", 0.7)], "seconds": {}}]
     earlier.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "per_seed": per_seed}))
     args = argparse.Namespace(include=[earlier], preset="trio", levels=[1, 2], holdout=0.0,
-                              set=[], seeds=[1, 2])
+                              set=[], seeds=[1, 2], recipe="r1")
     kept, wall = accuracy.include(args)
     assert [s["seed"] for s in kept] == [0] and kept[0]["included_from"] == "earlier.json"
     later = tmp_path / "later.json"
@@ -85,7 +85,7 @@ def test_include_takes_only_seeds_of_the_same_experiment(tmp_path):
     assert len(one) == 1 and one[0]["rows"][0]["top1"] == 0.9
     assert one[0]["seconds"] == {"b": 2} and one[0]["earlier_seconds"] == [{"a": 1}]
     assert one[0]["included_from"] == "earlier.json, resumed.json"
-    for other in ({"holdout": 0.1}, {"set": ["distill.epochs=4"]}, {"levels": [2]}):
+    for other in ({"holdout": 0.1}, {"levels": [2]}):
         with pytest.raises(SystemExit, match="another experiment"):
             accuracy.include(argparse.Namespace(**{**vars(args), **other}))
     with pytest.raises(SystemExit, match="no seed"):
@@ -100,3 +100,23 @@ def test_each_variant_has_its_own_workdir_and_log(tmp_path):
     (wa, la), (wb, lb) = accuracy.workdir(a, 0), accuracy.workdir(b, 0)
     assert (wa.name, la.name) == ("trio-holdout0.1-seed0", "trio-holdout0.1-seed0.log")
     assert wb != wa and lb.name == "trio-holdout0.1-equal-images-seed0.log"
+
+
+def test_a_changed_recipe_is_never_merged(tmp_path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(preset="trio", levels=[1, 2], holdout=0.0, set=[], seeds=[1])
+    plain = accuracy.recipe(args)
+    # the same experiment spelled as --set values has the same recipe; another value not
+    same = argparse.Namespace(**{**vars(args), "set": ["distill.epochs=2"]})
+    other = argparse.Namespace(**{**vars(args), "set": ["datasets.animal-mnist.teach.epochs=15"]})
+    assert accuracy.recipe(same) == plain != accuracy.recipe(other)
+    assert accuracy.recipe(argparse.Namespace(**{**vars(args), "seeds": [5]})) == plain
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "recipe": plain,
+                             "per_seed": [{"seed": 0, "rows": [], "seconds": {}}]}))
+    ok = argparse.Namespace(**{**vars(args), "include": [f], "recipe": plain})
+    assert [s["seed"] for s in accuracy.include(ok)[0]] == [0]
+    with pytest.raises(SystemExit, match="another experiment"):
+        accuracy.include(argparse.Namespace(**{**vars(ok), "recipe": accuracy.recipe(other)}))
