@@ -344,7 +344,9 @@ def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
     from mlfd.info import cpu_model
 
     agg = aggregate(seeds)
-    split = seeds[0]["rows"][0].get("split", "test") if seeds and seeds[0]["rows"] else "test"
+    from mlfd.report import measured_on
+
+    split = measured_on(seeds[0]["rows"]) if seeds else "test"
     table = markdown(agg, seeds, args.levels, split)
     doc = {"preset": args.preset, "date": today, "seeds": [s["seed"] for s in seeds],
            "levels": args.levels, "holdout": args.holdout, "set": args.set, "split": split,

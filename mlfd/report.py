@@ -71,12 +71,17 @@ def _cells(r: dict, rows: list[dict], label=_label) -> list[str]:
 COLUMNS = ("dataset", "model", "top-1 %", "top-5 %", "vs teacher", "status")
 
 
+def measured_on(rows: list[dict]) -> str:
+    """``test``, or ``holdout F of train`` for rows of a --holdout experiment."""
+    return rows[0].get("split", "test") if rows else "test"
+
+
 def rich_table(rows: list[dict], title: str | None = None) -> Table:
     """At most 80 columns: short model names, no vertical rules, nothing wrapped."""
     from rich import box
 
     if title is None:
-        split = rows[0].get("split", "test") if rows else "test"
+        split = measured_on(rows)
         title = f"MLFD results ({split} split)" if split == "test" else f"MLFD results ({split})"
 
     caption = "gain: top-1 minus the teacher's"
@@ -98,7 +103,7 @@ def rich_table(rows: list[dict], title: str | None = None) -> Table:
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(_cells(r, rows)) + " |" for r in rows]
-    split = rows[0].get("split", "test") if rows else "test"
+    split = measured_on(rows)
     if split != "test":  # a validation workdir's numbers must not read as test results
         lines = [f"Measured on the {split}, not on the test split.", ""] + lines
     return "\n".join(lines) + "\n"
