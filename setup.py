@@ -15,8 +15,10 @@ from setuptools.command.editable_wheel import editable_wheel
 PTH = "mlfd-torchvision-cpu.pth"  # sorts after __editable__.*.pth: mlfd is findable by then
 # One line, run by site.py at start-up: load mlfd/_compat.py alone (no torch, no mlfd
 # package import) and register its import hook; any failure leaves start-up untouched.
+# Once per process: site.py may read the .pth twice (a venv's lib64 -> lib link).
 LINE = (
-    "import sys; exec(\"try:\\n import importlib.util as u, os\\n"
+    "import sys; 'mlfd_torchvision_hook' in sys.modules or exec(\"try:\\n"
+    " import importlib.util as u, os\\n"
     " s = u.find_spec('mlfd')\\n"
     " f = os.path.join(list(s.submodule_search_locations)[0], '_compat.py')\\n"
     " m = u.module_from_spec(u.spec_from_file_location('mlfd_torchvision_hook', f))\\n"

@@ -54,7 +54,8 @@ def mlfd(*args, log) -> dict:
 
 def set_value(exp, assignment: str) -> None:
     """Apply one ``--set KEY=VALUE`` to an experiment: ``distill.epochs=4`` or, for one
-    dataset's own values, ``datasets.NAME.teach.epochs=12``; VALUE is read as JSON, else YAML."""
+    dataset's own values, ``datasets.NAME.teach.epochs=12`` (or all of them at once:
+    ``datasets.NAME.teach={}``); VALUE is read as JSON, else YAML."""
     import yaml
 
     path, sep, text = assignment.partition("=")
@@ -66,9 +67,15 @@ def set_value(exp, assignment: str) -> None:
         value = yaml.safe_load(text)
     keys = path.split(".")
     if keys[0] == "datasets":
-        if len(keys) != 4 or keys[2] not in ("teach", "distill"):
-            raise SystemExit(f"--set {path}: expected datasets.NAME.teach|distill.KEY")
-        getattr(exp.entry(keys[1]), keys[2])[keys[3]] = value
+        if len(keys) not in (3, 4) or keys[2] not in ("teach", "distill") or \
+                len(keys) == 3 and not isinstance(value, dict):
+            raise SystemExit(f"--set {path}: expected datasets.NAME.teach|distill.KEY=VALUE "
+                             "or datasets.NAME.teach|distill={...}")
+        entry = exp.entry(keys[1])
+        if len(keys) == 3:
+            setattr(entry, keys[2], dict(value))
+        else:
+            getattr(entry, keys[2])[keys[3]] = value
         return
     obj = exp
     for k in keys[:-1]:
@@ -95,14 +102,40 @@ def experiment_for(args, seed: int):
     return exp
 
 
+def _digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def recipe(args) -> str:
     """Digest of everything the seeds share (the experiment but its seed): results files
     made with another recipe (e.g. before a preset changed) are never merged with these."""
-    import hashlib
-
     d = experiment_for(args, 0).to_dict()
     d.pop("seed")
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(d)
+
+
+def baseline_recipe(args) -> str:
+    """Digest of what the baselines' training depends on, but their seed: the values the
+    stage's own fingerprint checks (`baseline_spec`) for every baseline run here, and the
+    datasets. A recipe change that leaves it equal (e.g. one dataset's own teach epochs)
+    leaves an earlier file's baselines valid: `include` takes them."""
+    from mlfd.stages.baselines import baseline_spec
+
+    exp = experiment_for(args, 0)
+    specs = [baseline_spec(exp, kind, arch, size) for arch, size in archs_of(exp).items()
+             for kind in KINDS]
+    return _digest({"datasets": [[e.name, e.source] for e in exp.datasets],
+                    "holdout": exp.holdout, "baselines": specs})
+
+
+def archs_of(exp) -> dict[str, int]:
+    """Every architecture a student has, with the input size of its first dataset."""
+    archs: dict[str, int] = {}
+    for e in exp.datasets:
+        archs.setdefault(e.arch, e.input_size)
+    return archs
 
 
 def create(args, seed: int) -> None:
@@ -143,11 +176,8 @@ def run_baselines(args, seed: int, common: list) -> dict:
     create(args, seed)
     w, log = workdir(args, seed)
     exp = Experiment.load(w / "experiment.yaml")
-    archs = {}
-    for e in exp.datasets:  # first dataset of each architecture gives its input size
-        archs.setdefault(e.arch, e.input_size)
     seconds = {}
-    for arch, size in archs.items():
+    for arch, size in archs_of(exp).items():
         for kind in KINDS:
             t0 = time.perf_counter()
             mlfd("teach", "--workdir", w, "--baseline", kind, "--arch", arch, "--input-size", size,
@@ -262,9 +292,10 @@ def main() -> None:
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the multi-head and joint-head baselines")
     ap.add_argument("--include", type=Path, action="append", default=[], metavar="JSON",
-                    help="take the seeds not run now from an earlier results file of the same "
-                         "preset, levels, holdout and recipe (the experiment but its seed; "
-                         "repeatable; a seed in several files: the last file's rows)")
+                    help="take what is not run now from an earlier results file of the "
+                         "same preset, levels, holdout and recipe (the experiment but its "
+                         "seed), or only its baselines where just their recipe is the same; "
+                         "repeatable; a seed's part in several files: the last file's rows")
     args = ap.parse_args()
     args.name = args.preset + (f"-holdout{args.holdout:g}" if args.holdout else "") + \
         (f"-{args.tag}" if args.tag else "")
@@ -277,7 +308,7 @@ def main() -> None:
     t0 = time.perf_counter()
     seconds: dict[int, dict] = {s: {} for s in args.seeds}
     rows: dict[int, list] = {}
-    args.recipe = recipe(args)
+    args.recipe, args.baseline_recipe = recipe(args), baseline_recipe(args)
     args.included, args.included_wall = include(args) if args.include else ([], 0.0)
     if not args.seeds and not args.included:
         raise SystemExit("no --seeds to run and nothing to --include")
@@ -297,8 +328,8 @@ def main() -> None:
         else:
             seconds[seed].update(run_baselines(args, seed, common))
         rows[seed] = evaluate(args, seed, common)
-        seeds = args.included + [{"seed": s, "rows": rows[s], "seconds": seconds[s]}
-                                 for s in args.seeds if s in rows]
+        seeds = combine(args.included, [{"seed": s, "rows": rows[s], "seconds": seconds[s]}
+                                         for s in args.seeds if s in rows])
         write(out, args, seeds, time.perf_counter() - t0, today)
         print(f"seed {seed} {phase}: done", flush=True)
     if not phases or not args.seeds:
@@ -307,33 +338,83 @@ def main() -> None:
     print(f"-> {out}")
 
 
+def part(name: str) -> str:
+    """Which part of a seed a row's model or a stage time belongs to: the method's own
+    models (teachers, joint teachers, students) or the baselines, each run and taken apart."""
+    return "baselines" if name.startswith(KINDS) else "models"
+
+
+def runs_now(args, seed: int, which: str) -> bool:
+    return seed in args.seeds and (which == "models" or getattr(args, "baselines", True))
+
+
 def include(args) -> tuple[list[dict], float]:
-    """Per-seed results of earlier runs of the same experiment, for seeds not run now, and
-    the wall time those runs took."""
-    kept, wall = [], 0.0
-    mine = {"preset": args.preset, "levels": args.levels, "holdout": args.holdout,
-            "recipe": args.recipe}
+    """Results of earlier runs for the parts of seeds not run now, and the wall time those
+    runs took. A file of the same recipe gives both parts of its seeds; a file of another
+    recipe whose baselines' recipe is the same gives only its baselines (their training
+    does not depend on what changed). A part in several files: the last file's rows."""
+    pieces: dict[tuple[int, str], dict] = {}
+    overridden: dict[int, list] = {}
+    files: dict[int, list[str]] = {}
+    wall = 0.0
+    mine = {"preset": args.preset, "levels": args.levels, "holdout": args.holdout}
     for path in args.include:
         doc = json.loads(path.read_text())
-        # files from before recipes were recorded: taken as made with the recipe of now
         theirs = {"preset": doc["preset"], "levels": doc["levels"],
-                  "holdout": doc.get("holdout", 0.0), "recipe": doc.get("recipe", args.recipe)}
-        if mine != theirs:
-            raise SystemExit(f"--include {path}: another experiment ({theirs} vs {mine})")
-        new = [dict(s, included_from=s.get("included_from", path.name)) for s in doc["per_seed"]
-               if s["seed"] not in args.seeds]
-        if not new:
+                  "holdout": doc.get("holdout", 0.0)}
+        # files from before recipes were recorded: taken as made with the recipe of now
+        same = doc.get("recipe", args.recipe) == args.recipe
+        same_baselines = doc.get("baseline_recipe") is not None and \
+            doc["baseline_recipe"] == getattr(args, "baseline_recipe", None)
+        if mine != theirs or not (same or same_baselines):
+            raise SystemExit(f"--include {path}: another experiment "
+                             f"({theirs | {'recipe': doc.get('recipe')}} vs "
+                             f"{mine | {'recipe': args.recipe}})")
+        took = False
+        for s in doc["per_seed"]:
+            seed, name = s["seed"], s.get("included_from", path.name)
+            for which in ("models", "baselines") if same else ("baselines",):
+                rows = [r for r in s["rows"] if part(r["model"]) == which]
+                if not rows or runs_now(args, seed, which):
+                    continue
+                old = pieces.get((seed, which))
+                if old is not None:  # e.g. a seed resumed to finish: its earlier times kept
+                    overridden.setdefault(seed, []).append(old["seconds"])
+                seconds = {k: v for k, v in s.get("seconds", {}).items() if part(k) == which}
+                pieces[(seed, which)] = {"rows": rows, "seconds": seconds,
+                                         "earlier": s.get("earlier_seconds", [])}
+                files.setdefault(seed, [])
+                files[seed] += [n for n in name.split(", ") if n not in files[seed]]
+                took = True
+        if not took:
             raise SystemExit(f"--include {path}: no seed there that is not run now")
-        for s in new:  # a seed in several files: the later one's rows (e.g. a seed resumed
-            # to finish its baselines); the earlier runs' stage times are kept beside them
-            old = next((k for k in kept if k["seed"] == s["seed"]), None)
-            if old is not None:
-                kept.remove(old)
-                s["earlier_seconds"] = old.get("earlier_seconds", []) + [old["seconds"]]
-                s["included_from"] = f"{old['included_from']}, {s['included_from']}"
-            kept.append(s)
         wall += doc.get("wall_seconds", 0.0)
-    return sorted(kept, key=lambda s: s["seed"]), wall
+    kept = []
+    for seed in sorted({seed for seed, _ in pieces}):
+        got = {w: pieces[(seed, w)] for w in ("models", "baselines") if (seed, w) in pieces}
+        entry = {"seed": seed, "rows": [r for g in got.values() for r in g["rows"]],
+                 "seconds": {k: v for g in got.values() for k, v in g["seconds"].items()},
+                 "included_from": ", ".join(files[seed]), "parts": list(got)}
+        earlier = [e for g in got.values() for e in g["earlier"]] + overridden.get(seed, [])
+        if earlier:
+            entry["earlier_seconds"] = earlier
+        kept.append(entry)
+    return kept, wall
+
+
+def combine(included: list[dict], ran: list[dict]) -> list[dict]:
+    """Seeds run now with the included parts of the same seeds (e.g. models run now,
+    baselines from an earlier file): an included part replaces that part of the run's rows."""
+    by_seed = {s["seed"]: s for s in included}
+    out = [s for s in included if s["seed"] not in {r["seed"] for r in ran}]
+    for s in ran:
+        inc = by_seed.get(s["seed"])
+        if inc is not None:
+            rows = [r for r in s["rows"] if part(r["model"]) not in inc["parts"]] + inc["rows"]
+            s = dict(s, rows=rows, included_from=inc["included_from"],
+                     included_parts=inc["parts"])
+        out.append(s)
+    return sorted(out, key=lambda s: s["seed"])
 
 
 def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
@@ -350,7 +431,7 @@ def write(out: Path, args, seeds: list[dict], wall: float, today: str) -> None:
     table = markdown(agg, seeds, args.levels, split)
     doc = {"preset": args.preset, "date": today, "seeds": [s["seed"] for s in seeds],
            "levels": args.levels, "holdout": args.holdout, "set": args.set, "split": split,
-           "recipe": args.recipe,
+           "recipe": args.recipe, "baseline_recipe": args.baseline_recipe,
            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                        else None, "platform": platform.platform()},

@@ -22,12 +22,15 @@ import importlib.util
 import os
 import sys
 
-_LIBRARY = None  # kept alive for the process: dropping it unregisters the ops
+# The declaring torch.library.Library must live as long as the process: collecting it
+# unregisters the ops. It is kept on torch.library itself, not in this module, because
+# this file runs as several module copies (mlfd._compat and the start-up hook's, which a
+# venv's lib64 -> lib link makes site.py load twice) and a copy can be garbage-collected.
+_HOLDER = "_mlfd_torchvision_cpu_ops"
 
 
 def ensure_torchvision_importable() -> None:
-    global _LIBRARY
-    if _LIBRARY is not None or "torchvision" in sys.modules:
+    if "torchvision" in sys.modules:
         return
     spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
@@ -38,21 +41,18 @@ def ensure_torchvision_importable() -> None:
     candidates += glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.pyd"))
     if not candidates:
         return
+    if getattr(torch.library, _HOLDER, None) is not None:
+        return  # declared by another copy of this file
     try:
         torch.ops.load_library(candidates[0])
         return
     except OSError:
         pass
-    try:  # already declared by another copy of this file (the start-up hook's)
-        torch.ops.torchvision.nms  # noqa: B018
-        return
-    except (AttributeError, RuntimeError):
-        pass
     lib = torch.library.Library("torchvision", "DEF")
     schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
     lib.define("nms" + schema)
     lib.define("qnms" + schema)
-    _LIBRARY = lib
+    setattr(torch.library, _HOLDER, lib)
 
 
 class _BeforeTorchvision(importlib.abc.MetaPathFinder):
@@ -66,6 +66,7 @@ class _BeforeTorchvision(importlib.abc.MetaPathFinder):
 
 
 def install_import_hook() -> None:
+    # by name: another copy of this file defines another _BeforeTorchvision class
     if "torchvision" not in sys.modules and not any(
-            isinstance(f, _BeforeTorchvision) for f in sys.meta_path):
+            type(f).__name__ == _BeforeTorchvision.__name__ for f in sys.meta_path):
         sys.meta_path.insert(0, _BeforeTorchvision())

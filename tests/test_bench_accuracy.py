@@ -115,8 +115,89 @@ def test_a_changed_recipe_is_never_merged(tmp_path):
     assert accuracy.recipe(argparse.Namespace(**{**vars(args), "seeds": [5]})) == plain
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "recipe": plain,
-                             "per_seed": [{"seed": 0, "rows": [], "seconds": {}}]}))
+                             "per_seed": [{"seed": 0, "rows": [_row("d", "teacher", 0.5)],
+                                           "seconds": {}}]}))
     ok = argparse.Namespace(**{**vars(args), "include": [f], "recipe": plain})
     assert [s["seed"] for s in accuracy.include(ok)[0]] == [0]
     with pytest.raises(SystemExit, match="another experiment"):
         accuracy.include(argparse.Namespace(**{**vars(ok), "recipe": accuracy.recipe(other)}))
+
+
+def test_a_dataset_values_dict_can_be_set_whole():
+    from mlfd.presets import get_preset
+
+    exp = get_preset("trio")
+    assert exp.stage("teach", "animal-mnist").epochs == 15
+    accuracy.set_value(exp, "datasets.animal-mnist.teach={}")  # the preset before 07768bf
+    assert exp.stage("teach", "animal-mnist").epochs == 2 == exp.teach.epochs
+    assert exp.stage("distill", "animal-mnist").epochs == 15  # the other section untouched
+    with pytest.raises(SystemExit, match="expected"):
+        accuracy.set_value(exp, "datasets.animal-mnist.teach=3")
+
+
+def test_baseline_recipe_changes_only_with_what_baselines_train_on():
+    import argparse
+
+    def digests(*values):
+        a = argparse.Namespace(preset="trio", levels=[1, 2], holdout=0.0, set=list(values))
+        return accuracy.recipe(a), accuracy.baseline_recipe(a)
+
+    plain = digests()
+    # a dataset's own epochs: the students and teachers change, a baseline's epoch is a pass
+    # over the largest dataset at the section's count, so the baselines do not
+    for same in (["datasets.animal-mnist.teach={}", "datasets.animal-mnist.distill={}"],
+                 ["distill.epochs=3"], ["fuse.lr=0.01"]):
+        r, b = digests(*same)
+        assert r != plain[0] and b == plain[1], same
+    for other in (["teach.epochs=3"], ["datasets.animal-mnist.teach.lr=0.01"],
+                  ["teach.weight_decay=0.1"]):
+        r, b = digests(*other)
+        assert r != plain[0] and b != plain[1], other
+
+
+def test_include_takes_baselines_from_a_file_whose_baselines_match(tmp_path):
+    import argparse
+    import json
+
+    def doc(recipe, baseline_recipe, per_seed):
+        return json.dumps({"preset": "trio", "levels": [1, 2], "recipe": recipe,
+                           "baseline_recipe": baseline_recipe, "per_seed": per_seed})
+
+    old = tmp_path / "old.json"  # another recipe, the same baselines: seeds 0 and 1
+    old.write_text(doc("r0", "b", [
+        {"seed": s, "rows": [_row("d", "teacher", 0.1), _row("d", "multi-head", 0.4 + s / 10)],
+         "seconds": {"distill-L1": 9, "multi-head-a": 5 + s}} for s in (0, 1)]))
+    models = tmp_path / "models.json"  # this recipe, models only, seeds 0-2
+    models.write_text(doc("r1", "b", [
+        {"seed": s, "rows": [_row("d", "teacher", 0.9), _row("d", "student", 0.95, levels=1)],
+         "seconds": {"distill-L1": 3}} for s in (0, 1, 2)]))
+    args = argparse.Namespace(include=[old, models], preset="trio", levels=[1, 2],
+                              holdout=0.0, seeds=[], recipe="r1", baseline_recipe="b")
+    kept, _ = accuracy.include(args)
+    assert [s["seed"] for s in kept] == [0, 1, 2]
+    s0 = kept[0]
+    # the old recipe's teacher (0.1) never enters; its baselines do
+    assert sorted((r["model"], r["top1"]) for r in s0["rows"]) == [
+        ("multi-head", 0.4), ("student", 0.95), ("teacher", 0.9)]
+    assert s0["seconds"] == {"distill-L1": 3, "multi-head-a": 5}
+    assert s0["parts"] == ["models", "baselines"] and kept[2]["parts"] == ["models"]
+    assert s0["included_from"] == "old.json, models.json"
+    # models run now without baselines: the included baselines complete those seeds
+    now = argparse.Namespace(**{**vars(args), "include": [old], "seeds": [1], "baselines": False})
+    inc, _ = accuracy.include(now)
+    assert [(s["seed"], s["parts"]) for s in inc] == [(0, ["baselines"]), (1, ["baselines"])]
+    ran = [{"seed": 1, "rows": [_row("d", "teacher", 0.8), _row("d", "multi-head", 0.0)],
+            "seconds": {}}]
+    merged = accuracy.combine(inc, ran)
+    one = next(s for s in merged if s["seed"] == 1)
+    # the run's own baseline row (a leftover in its workdir) gives way to the included part
+    assert sorted((r["model"], r["top1"]) for r in one["rows"]) == [
+        ("multi-head", 0.5), ("teacher", 0.8)]
+    assert accuracy.aggregate(merged)["d"]["multi-head (a)"]["per_seed_top1"] == [40.0, 50.0]
+    # baselines run now as well: nothing of the old file is left to take
+    with pytest.raises(SystemExit, match="no seed"):
+        accuracy.include(argparse.Namespace(**{**vars(now), "seeds": [0, 1],
+                                               "baselines": True}))
+    # neither the recipe nor the baselines' recipe: refused
+    with pytest.raises(SystemExit, match="another experiment"):
+        accuracy.include(argparse.Namespace(**{**vars(args), "baseline_recipe": "c"}))

@@ -25,3 +25,28 @@ def test_startup_hook_is_installed_and_cheap():
                            "'mlfd_torchvision_hook' in sys.modules)"],
                           capture_output=True, text=True)
     assert proc.stdout.split() == ["False", "True"]
+
+
+def test_declared_ops_survive_any_import_order_and_a_collection():
+    # site.py reads the .pth twice in a venv whose lib64 links to lib; a duplicate hook copy
+    # once declared the ops and was then collected, and torchvision died registering nms.
+    code = ("import sys, gc\n"
+            "from mlfd.presets import get_preset\n"
+            "gc.collect()\n"
+            "import timm, torchvision.transforms.v2\n"
+            "print(sum(type(f).__name__ == '_BeforeTorchvision' for f in sys.meta_path), "
+            "timm.create_model('test_efficientnet', num_classes=2).num_classes)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1:]
+    assert proc.stdout.split() == ["0", "2"]  # the hook stepped aside once torchvision loaded
+
+
+def test_the_startup_line_runs_once_per_process():
+    pth = Path(sysconfig.get_paths()["purelib"]) / "mlfd-torchvision-cpu.pth"
+    line = pth.read_text()
+    code = (f"{line}\n{line}\nimport sys\n"
+            "print(sum(type(f).__name__ == '_BeforeTorchvision' for f in sys.meta_path))")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1"]

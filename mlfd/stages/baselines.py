@@ -95,13 +95,19 @@ def baseline_model_kwargs(exp, arch: str) -> dict:
     return dict(e.model_kwargs) if e.arch == arch else {}
 
 
+def baseline_spec(exp, kind: str, arch: str, size: int) -> dict:
+    """What a baseline's training depends on besides its data and seed: the experiment's
+    other values (e.g. a dataset's own teach epochs, the students) leave it unchanged."""
+    return {"baseline": kind, "arch": arch, "input_size": size,
+            "hflip": {e.name: e.hflip for e in exp.datasets},
+            "teach": baseline_config(exp, arch), "model_kwargs": baseline_model_kwargs(exp, arch),
+            **baseline_drops(exp, arch)}
+
+
 def baseline_fingerprint(ws: Workspace, kind: str, arch: str, size: int) -> dict:
     data = {n: dataset_of(ws, n).fingerprint() for n in ws.exp.names()}
-    hflip = {e.name: e.hflip for e in ws.exp.datasets}
-    return flatten({"baseline": kind, "arch": arch, "input_size": size, "data": data,
-                    "hflip": hflip, "teach": baseline_config(ws.exp, arch), "seed": ws.exp.seed,
-                    "model_kwargs": baseline_model_kwargs(ws.exp, arch),
-                    **baseline_drops(ws.exp, arch)})
+    return flatten({**baseline_spec(ws.exp, kind, arch, size), "data": data,
+                    "seed": ws.exp.seed})
 
 
 def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None = None,
