@@ -14,6 +14,12 @@ so running it again after an interruption continues where it stopped.
     python bench/accuracy.py --preset demo --seeds 0 1 2 --levels 1 2
     python bench/accuracy.py --preset trio --data-root ../shared/data --seeds 0 1 2
 
+Seeds run in different sessions merge with --include (same recipe: the experiment but its
+seed). A file of another recipe lends only its baselines, and only when what they train on
+is unchanged (`baseline_recipe`, the values their stage's own fingerprint checks):
+
+    python bench/accuracy.py --preset trio --seeds --include old.json --include new.json
+
 Choosing a recipe happens on a validation split held out of train, never on the test split:
 
     python bench/accuracy.py --preset trio --data-root ../shared/data --holdout 0.1 \
