@@ -7,98 +7,158 @@ in for a new workspace and command-line options override single values.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
 import re
+import reprlib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import (
+    AllowInfNan,
+    ConfigDict,
+    Strict,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
+from typing_extensions import TypedDict, is_typeddict
 
 from .errors import MlfdError
 
+# --- the schema's value types --------------------------------------------------------
+# The dataclasses below are the schema: pydantic validates experiment.yaml against their
+# annotations. Strict() everywhere: "2" is not an integer, 1.5 or true are not epochs.
+# Ranges that older messages already state (holdout, cache.clevel, choices such as
+# optimizer) stay in ``Experiment.validate``.
+NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+NAME_RULE = "a name of letters, digits, '-', '_' and '.' (not first)"
+# Becomes a directory name (teachers/<name>, baselines/<kind>-<arch>, mlfd-runs/<preset>):
+# no separators and no leading dot, so no '..' and nothing hidden.
+Name = Annotated[str, Strict(), StringConstraints(pattern=NAME_PATTERN)]
+Text = Annotated[str, Strict()]
+Flag = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]
+Count = Annotated[int, Strict(), Ge(1)]
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+Positive = Annotated[float, Strict(), AllowInfNan(False), Gt(0)]
+NonNegative = Annotated[float, Strict(), AllowInfNan(False), Ge(0)]
+Fraction = Annotated[float, Strict(), Ge(0), Lt(1)]
+# torch.manual_seed takes at most 64 bits; numpy's generators refuse negative seeds.
+Seed = Annotated[int, Strict(), Ge(0), Le(2**64 - 1)]
+Pixels = Annotated[int, Strict(), Ge(8)]
+AtLeastOne = Annotated[float, Strict(), AllowInfNan(False), Ge(1)]
+_FORBID = ConfigDict(extra="forbid")  # an unknown key is an error, with a hint
 
+
+@with_config(_FORBID)
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adamw"  # adamw | adam | sgd
-    schedule: str = "cosine"  # constant | onecycle | onecycle-constant | cosine
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 0.0
+    epochs: Count = 10
+    batch_size: Count = 128
+    lr: Positive = 1e-3
+    optimizer: Text = "adamw"  # adamw | adam | sgd
+    schedule: Text = "cosine"  # constant | onecycle | onecycle-constant | cosine
+    weight_decay: NonNegative = 0.05
+    label_smoothing: Fraction = 0.0
+    warmup_epochs: NonNegative = 0.0
     # AutoAugment policy ("imagenet"): teachers and baselines draw it afresh every epoch;
     # the teach value also applies to cached views > 0, which students replay exactly.
-    auto_augment: str | None = None
-    peak_factor: float = 10.0  # onecycle-constant: the peak lr is peak_factor * lr
+    auto_augment: Text | None = None
+    peak_factor: AtLeastOne = 10.0  # onecycle-constant: the peak lr is peak_factor * lr
     # Weights of Linear/Conv2d layers: "default" keeps timm's; Algorithm 1 uses Xavier,
     # written as N(0, 2/(fan_in+fan_out)) ("xavier-normal"); "xavier" is Glorot uniform.
-    init: str = "default"
+    init: Text = "default"
     # Gradient accumulation (paper 4.3): batch_size is the effective batch; each optimiser
     # step accumulates grad_accum micro-batches of batch_size / grad_accum samples.
-    grad_accum: int = 1
+    grad_accum: Count = 1
 
     @property
     def micro_batch(self) -> int:
         return self.batch_size // self.grad_accum
 
 
-@dataclass
-class DatasetEntry:
-    name: str  # short name used for directories and tables
-    source: str  # registry name or a path
-    arch: str  # timm architecture of the teacher and the student
-    input_size: int = 224
-    hflip: bool = True  # whether mirrored views are label-preserving
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    model_kwargs: dict = field(default_factory=dict)
-    # This dataset's own values for the teach / distill sections (paper Table 1 gives each
-    # architecture its lr, batch size, weight decay, temperature, alpha and beta).
-    teach: dict = field(default_factory=dict)
-    distill: dict = field(default_factory=dict)
-    # A trained teacher to import instead of training one (paper 3: the teacher training
-    # step "can be omitted"): a state-dict file (.safetensors, .pt/.pth/.bin).
-    teacher: str | None = None
-
-
+@with_config(_FORBID)
 @dataclass
 class FuseConfig(TrainConfig):
-    width: int = 256  # channels of the fused maps
-    embed_dim: int = 256  # width of the joint L1 vector
-    dropout: float = 0.85  # before the dense L1 layer (paper: 0.8-0.9)
+    width: Count = 256  # channels of the fused maps
+    embed_dim: Count = 256  # width of the joint L1 vector
+    dropout: Fraction = 0.85  # before the dense L1 layer (paper: 0.8-0.9)
 
 
+@with_config(_FORBID)
 @dataclass
 class DistillConfig(TrainConfig):
-    ce_weight: float = 1.0  # g
-    soft_weight: float = 0.6  # a
-    temperature: float = 2.0  # T
-    level_weights: list[float] = field(default_factory=lambda: [0.2, 0.2])  # b_1..b_K
-    loss_backend: str = "auto"
+    ce_weight: NonNegative = 1.0  # g
+    soft_weight: NonNegative = 0.6  # a
+    temperature: Positive = 2.0  # T
+    level_weights: list[NonNegative] = field(default_factory=lambda: [0.2, 0.2])  # b_1..b_K
+    loss_backend: Text = "auto"
 
 
+def _overrides(section: type, name: str) -> type:
+    """The schema of a dataset's own values for ``section``: any of its keys, same types.
+    Unknown keys pass here; ``Experiment.stage`` names them with the dataset."""
+    hints = get_type_hints(section, include_extras=True)
+    values = TypedDict(name, {f.name: hints[f.name] for f in dataclasses.fields(section)},
+                       total=False)
+    return with_config(ConfigDict(extra="allow"))(values)
+
+
+TeachValues = _overrides(TrainConfig, "TeachValues")
+DistillValues = _overrides(DistillConfig, "DistillValues")
+
+
+@with_config(_FORBID)
+@dataclass
+class DatasetEntry:
+    name: Name  # short name used for directories and tables
+    source: Text  # registry name or a path
+    arch: Name  # timm architecture of the teacher and the student
+    input_size: Pixels = 224
+    hflip: Flag = True  # whether mirrored views are label-preserving
+    drop_rate: Fraction = 0.0
+    drop_path_rate: Fraction = 0.0
+    # Keyword arguments of the timm model (checked against it by ``check_model_kwargs``).
+    model_kwargs: dict[Text, Any] = field(default_factory=dict)
+    # This dataset's own values for the teach / distill sections (paper Table 1 gives each
+    # architecture its lr, batch size, weight decay, temperature, alpha and beta).
+    teach: TeachValues = field(default_factory=dict)
+    distill: DistillValues = field(default_factory=dict)
+    # A trained teacher to import instead of training one (paper 3: the teacher training
+    # step "can be omitted"): a state-dict file (.safetensors, .pt/.pth/.bin).
+    teacher: Text | None = None
+
+
+@with_config(_FORBID)
 @dataclass
 class CacheConfig:
-    views: int = 4  # cached views per training image (view 0 = clean)
-    dtype: str = "float16"  # float16 | bfloat16 | float32
-    batch_size: int = 256
-    codec: str = "zstd"  # zstd | lz4 | none (each chunk keeps its crc32c regardless)
-    clevel: int = 5  # compression level 0-9
+    views: Count = 4  # cached views per training image (view 0 = clean)
+    dtype: Text = "float16"  # float16 | bfloat16 | float32
+    batch_size: Count = 256
+    codec: Text = "zstd"  # zstd | lz4 | none (each chunk keeps its crc32c regardless)
+    clevel: Int = 5  # compression level 0-9
     # Where the teachers-L<K>.zarr / targets-L<K>.zarr stores live: a path or an fsspec URL
     # (file://, memory://, s3://, ...); default <workdir>/cache. Not part of any fingerprint.
-    uri: str | None = None
+    uri: Text | None = None
 
 
+@with_config(_FORBID)
 @dataclass
 class Experiment:
-    preset: str = "custom"
-    seed: int = 0
-    levels: int = 2
+    preset: Name = "custom"
+    seed: Seed = 0
+    levels: Count = 2
     # > 0: every stage trains on the rest of each training split and measures on this
     # class-stratified fraction of it in place of the test split (a fixed draw), so that
     # recipes are chosen without looking at the test set.
-    holdout: float = 0.0
+    holdout: Number = 0.0
     datasets: list[DatasetEntry] = field(default_factory=list)
     teach: TrainConfig = field(default_factory=TrainConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
@@ -125,7 +185,9 @@ class Experiment:
         known = {f.name for f in dataclasses.fields(base)}
         unknown = sorted(set(over) - known)
         if unknown:
-            raise MlfdError(f"datasets[{name}].{section}: unknown key(s) {', '.join(unknown)}")
+            hints = [h[0] for k in unknown if (h := difflib.get_close_matches(k, known, n=1))]
+            raise MlfdError(f"datasets[{name}].{section}: unknown key(s) {', '.join(unknown)}"
+                            + (f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""))
         return dataclasses.replace(base, **over)
 
     def override(self, **values) -> None:
@@ -141,14 +203,16 @@ class Experiment:
                     over.pop(key, None)
 
     def validate(self) -> None:
-        """Every value that can be checked without data or models; one-line errors."""
+        """Every value that can be checked without data or models; one-line errors.
+
+        The schema first (types and ranges, the key path named), then what involves
+        several values."""
+        check_schema(self.to_dict())
         if len(self.datasets) < 2:
             raise MlfdError("an MLFD experiment needs at least two datasets (one teacher each)")
         names = self.names()
         if len(set(names)) != len(names):
             raise MlfdError(f"dataset names must be unique: {names}")
-        if self.levels < 1:
-            raise MlfdError(f"--levels must be >= 1, got {self.levels}")
         if not 0.0 <= self.holdout < 1.0:
             raise MlfdError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
         for section in ("teach", "fuse", "distill"):
@@ -156,20 +220,36 @@ class Experiment:
         for d in self.datasets:
             for section in ("teach", "distill"):
                 _check_train(f"datasets[{d.name}].{section}", self.stage(section, d.name))
-        if self.cache.views < 1:
-            raise MlfdError(f"cache.views must be >= 1, got {self.cache.views}")
         if self.cache.dtype not in CACHE_DTYPES:
             raise MlfdError(f"cache.dtype {self.cache.dtype!r}: choose {', '.join(CACHE_DTYPES)}")
-        if self.cache.batch_size < 1:
-            raise MlfdError(f"cache.batch_size must be >= 1, got {self.cache.batch_size}")
         from .cache.store import check_codec, check_uri
 
         check_codec(self.cache.codec, self.cache.clevel)
         if self.cache.uri is not None and (why := check_uri(str(self.cache.uri))):
             raise MlfdError(f"cache.uri {self.cache.uri!r}: {why}")
-        for d in self.datasets:
-            if d.input_size < 8:
-                raise MlfdError(f"{d.name}: input_size must be >= 8, got {d.input_size}")
+
+    def check_locations(self, root: Path) -> None:
+        """Refuse a workdir or a local cache location inside a dataset's own folder: an
+        image-folder scan would read the results as data, and cleaning them could reach
+        into the dataset."""
+        root = Path(root).expanduser().resolve()
+        places = [(f"workdir {root}", root)]
+        if self.cache.uri:
+            from .cache.store import cache_root
+
+            where = cache_root(str(self.cache.uri), root)
+            if isinstance(where, Path):  # a local path or file:// URL
+                where = where.expanduser().resolve()
+                places.append((f"cache.uri {self.cache.uri!r} ({where})", where))
+        for i, d in enumerate(self.datasets):
+            source = Path(d.source).expanduser()
+            if not (source.is_absolute() and source.is_dir()):  # registry names, files
+                continue
+            source = source.resolve()
+            for what, place in places:
+                if place.is_relative_to(source):
+                    raise MlfdError(f"{what} is inside datasets[{i}].source {source} "
+                                    f"(dataset {d.name!r}): choose a location outside it")
 
     # --- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -177,6 +257,7 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, d: dict) -> Experiment:
+        check_schema(d)
         try:
             d = dict(d)
             d["datasets"] = [DatasetEntry(**x) for x in d.get("datasets", [])]
@@ -198,12 +279,15 @@ class Experiment:
     @classmethod
     def load(cls, path: Path) -> Experiment:
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.load(path.read_text(), Loader=_Loader)
         except yaml.YAMLError as e:
             raise MlfdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise MlfdError(f"{path}: expected a mapping at the top level")
-        exp = cls.from_dict(data)
+        try:
+            exp = cls.from_dict(data)
+        except MlfdError as e:
+            raise MlfdError(f"{path}: {e}") from None
         for d in exp.datasets:
             d.source = resolve_source(str(d.source), path.parent.resolve())
             if d.teacher:
@@ -218,33 +302,204 @@ INITS = ("default", "xavier", "xavier-normal")
 
 
 def _check_train(section: str, cfg: TrainConfig) -> None:
-    if cfg.epochs < 1:
-        raise MlfdError(f"{section}.epochs must be >= 1, got {cfg.epochs}")
-    if cfg.batch_size < 1:
-        raise MlfdError(f"{section}.batch_size must be >= 1, got {cfg.batch_size}")
-    if not cfg.lr > 0:
-        raise MlfdError(f"{section}.lr must be > 0, got {cfg.lr}")
+    """What the schema cannot say about one training section: choices and relations."""
     if cfg.optimizer.lower() not in OPTIMIZERS:
         raise MlfdError(f"{section}.optimizer {cfg.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise MlfdError(f"{section}.schedule {cfg.schedule!r}: choose {', '.join(SCHEDULES)}")
-    if not cfg.peak_factor >= 1:
-        raise MlfdError(f"{section}.peak_factor must be >= 1, got {cfg.peak_factor}")
     if cfg.init not in INITS:
         raise MlfdError(f"{section}.init {cfg.init!r}: choose {', '.join(INITS)}")
-    if isinstance(cfg, DistillConfig):
-        if any(w < 0 for w in cfg.level_weights):
-            raise MlfdError(f"{section}.level_weights must be >= 0, got {cfg.level_weights}")
-        if cfg.temperature <= 0:
-            raise MlfdError(f"{section}.temperature must be > 0, got {cfg.temperature}")
-    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+    if cfg.batch_size % cfg.grad_accum:
         raise MlfdError(f"{section}.grad_accum must be >= 1 and divide batch_size "
                         f"({cfg.batch_size}), got {cfg.grad_accum}")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise MlfdError(f"{section}.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise MlfdError(f"{section}.warmup_epochs {cfg.warmup_epochs:g} is longer than the "
+                        f"training ({section}.epochs {cfg.epochs})")
     from .data.pipeline import check_auto_augment
 
     check_auto_augment(cfg.auto_augment)
+
+
+# --- schema checks -------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """PyYAML's YAML 1.1 reads 1e-3 as a string; YAML 1.2 (and a person) reads a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+@functools.cache
+def _schema() -> TypeAdapter:
+    return TypeAdapter(Experiment)
+
+
+def check_schema(data: dict) -> None:
+    """Validate an experiment as a plain dict (experiment.yaml, or ``to_dict()`` of one
+    built in code) against the dataclasses' annotations; the first error as one line
+    naming its key path."""
+    try:
+        _schema().validate_python(data)
+    except ValidationError as e:
+        errors = e.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise MlfdError(_explain(errors[0], data) + more) from None
+
+
+@functools.cache
+def _field_schema(owner: type, key: str) -> tuple[Any, TypeAdapter]:
+    tp = get_type_hints(owner, include_extras=True)[key]
+    return tp, TypeAdapter(tp)
+
+
+def check_value(owner: type, key: str, value) -> str | None:
+    """What field ``key`` of dataclass ``owner`` expects, if ``value`` is not that: the
+    command line's values go through the same schema as experiment.yaml's."""
+    tp, adapter = _field_schema(owner, key)
+    try:
+        adapter.validate_python(value)
+    except ValidationError:
+        return _describe(tp)
+    return None
+
+
+def _explain(error: dict, data) -> str:
+    """``key.path: what was wrong`` for one pydantic error."""
+    loc, keys, value = error["loc"], [], data
+    for i, k in enumerate(loc):  # the path through the input, without pydantic's own tags
+        if isinstance(value, dict) and k in value or \
+                isinstance(value, list) and isinstance(k, int) and 0 <= k < len(value):
+            keys.append(k)
+            value = value[k]
+        elif i == len(loc) - 1 and error["type"] in ("missing", "missing_argument"):
+            keys.append(k)
+    path = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
+    path = path or "experiment"
+    got = _short(error["input"])
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        known = list(_fields(_bare(_type_at(keys[:-1]))) or ())
+        hint = difflib.get_close_matches(str(keys[-1]), known, n=1)
+        return f"{path}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else
+                                         f" (known: {', '.join(known)})")
+    if error["type"] in ("missing", "missing_argument"):
+        return f"{path}: required, missing"
+    if "[key]" in loc:
+        return f"{path}: keys must be strings, got {got}"
+    tp = _type_at(keys)
+    return f"{path}: expected {_describe(tp) if tp is not None else error['msg']}, got {got}"
+
+
+def _short(value) -> str:
+    r = reprlib.Repr()
+    r.maxstring, r.maxother = 60, 60
+    return r.repr(value)
+
+
+def _bare(tp):
+    """``tp`` without Annotated[...] and without ``| None``."""
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, types.UnionType):
+        tp = next(a for a in get_args(tp) if a is not type(None))
+        return _bare(tp)
+    return tp
+
+
+def _fields(tp) -> dict | None:
+    if dataclasses.is_dataclass(tp) or is_typeddict(tp):
+        return get_type_hints(tp, include_extras=True)
+    return None
+
+
+def _type_at(keys: list):
+    """The annotated type of the value at ``keys`` in an experiment (None if unknown)."""
+    tp = Experiment
+    for k in keys:
+        tp = _bare(tp)
+        fields = _fields(tp)
+        if fields is not None:
+            if k not in fields:
+                return None
+            tp = fields[k]
+        elif get_origin(tp) in (list, dict):
+            tp = get_args(tp)[-1]
+        else:
+            return None
+    return tp
+
+
+def _describe(tp) -> str:
+    """What a value of annotated type ``tp`` must be, in words: 'an integer >= 1'."""
+    meta = []
+    if get_origin(tp) is Annotated:
+        tp, *meta = get_args(tp)
+    if get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if any(isinstance(m, StringConstraints) and m.pattern for m in meta):
+        return NAME_RULE
+    origin = get_origin(tp) or tp
+    if origin is list:
+        return f"a list, each {_describe(get_args(tp)[0])}"
+    if origin is dict or _fields(origin) is not None:
+        return "a mapping"
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        origin, "a valid value")
+    if any(isinstance(m, AllowInfNan) and not m.allow_inf_nan for m in meta):
+        kind = "a finite number"
+    bound = {type(m): getattr(m, type(m).__name__.lower()) for m in meta
+             if isinstance(m, (Ge, Gt, Le, Lt))}
+    low = next((f"{'[' if t is Ge else '('}{bound[t]}" for t in (Ge, Gt) if t in bound), None)
+    high = next((f"{bound[t]}{']' if t is Le else ')'}" for t in (Le, Lt) if t in bound), None)
+    if low and high:
+        return f"{kind} in {low}, {high}"
+    if low:
+        return f"{kind} {'>=' if Ge in bound else '>'} {low[1:]}"
+    if high:
+        return f"{kind} {'<=' if Le in bound else '<'} {high[:-1]}"
+    return kind
+
+
+def check_model_kwargs(entry: DatasetEntry, index: int) -> None:
+    """Refuse ``model_kwargs`` that the timm model does not take: it is built on the meta
+    device (no memory, no weights) as ``create_backbone`` builds it. A model that cannot
+    be built there even without them is left to the real build."""
+    if not entry.model_kwargs:
+        return
+    import inspect
+
+    import torch
+
+    from .models.backbone import timm
+
+    drops = {"drop_path_rate": entry.drop_path_rate} if entry.drop_path_rate else {}
+
+    def build(**kwargs):
+        with torch.device("meta"):
+            return timm.create_model(entry.arch, pretrained=False, num_classes=2,
+                                     drop_rate=entry.drop_rate, **drops, **kwargs)
+
+    try:
+        build(**entry.model_kwargs)
+        return
+    except Exception as e:  # whatever the model raises is the answer
+        error = e
+    try:
+        model = build()
+    except Exception:  # not buildable on meta: the real build reports
+        return
+    where = f"datasets[{index}].model_kwargs"
+    if m := re.search(r"unexpected keyword argument '(\w+)'", str(error)):
+        params = [p for p in inspect.signature(type(model)).parameters
+                  if p not in ("args", "kwargs")]
+        hint = difflib.get_close_matches(m.group(1), params, n=1)
+        raise MlfdError(f"{where}.{m.group(1)}: unknown key: timm's {entry.arch} "
+                        f"({type(model).__name__}) takes no such argument"
+                        + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    first = (str(error).strip().splitlines() or [""])[0]
+    raise MlfdError(f"{where}: timm model {entry.arch!r} refused them "
+                    f"({type(error).__name__}: {first})")
 
 
 def resolve_source(source: str, base: Path) -> str:
@@ -263,4 +518,5 @@ def short_name(source: str) -> str:
     """Directory-safe name of a dataset given by registry name or path."""
     stem = Path(source.rstrip("/")).name if ("/" in source or source.endswith(".npz")) else source
     stem = re.sub(r"\.npz$", "", stem)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "dataset"
+    # no leading '.': the name is a directory, and must not be hidden or '..'
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).lstrip(".-").rstrip("-") or "dataset"

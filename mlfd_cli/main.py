@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -81,6 +80,11 @@ Seed = Annotated[int | None, typer.Option(
 DataRoot = Annotated[str | None, typer.Option(
     "--data-root", envvar="MLFD_DATA", metavar="DIR",
     help="Where full datasets live / are downloaded.")]
+TrustData = Annotated[bool, typer.Option(
+    "--trust-data", metavar="",
+    help="Read pickle-based dataset files (MNIST's mnist.pkl.gz, CIFAR, Animal-MNIST) even "
+         "when they are not the published files (e.g. your own re-encoded copy); they are "
+         "still read with a restricted unpickler.")]
 # Flags get metavar="": typer >= 0.2x would print their Python type ('<bool>') in the help.
 Json = Annotated[bool, typer.Option(
     "--json", metavar="", help="Print one JSON document on stdout.")]
@@ -109,6 +113,10 @@ Pipeline = Annotated[str, typer.Option(
 LossBackend = Annotated[str | None, typer.Option(
     "--loss-backend", metavar="BACKEND",
     help="auto | torch | compile | triton (default: the experiment's).")]
+Precision = Annotated[str, typer.Option(
+    "--precision", metavar="PRECISION",
+    help="auto | bf16 | fp16 | fp32: training precision (fp16 with a GradScaler). auto: fp32 "
+         "on CPU; on CUDA bf16, else fp16, else fp32, whichever passed `mlfd info --check`.")]
 Force = Annotated[bool, typer.Option(
     "--force", metavar="", help="Redo this stage even if it is up to date.")]
 Restart = Annotated[bool, typer.Option(
@@ -128,18 +136,35 @@ Nproc = Annotated[int | None, typer.Option(
     "--nproc", metavar="N",
     help="Run in N processes (one per GPU on CUDA) with the same global batch: this "
          "command under torchrun (python -m torch.distributed.run).")]
+SkipBadImages = Annotated[bool, typer.Option(
+    "--skip-bad-images", metavar="",
+    help="Go on without the images the scan finds bad (zero-byte, truncated, undecodable, "
+         "over the pixel limit...; listed in reports/bad-images-<dataset>.txt) instead of "
+         "stopping; recorded in the workdir, it holds while those files stay the same.")]
+MaxImagePixels = Annotated[int | None, typer.Option(
+    "--max-image-pixels", metavar="N",
+    help="Refuse images of more than N pixels, read from the header before any decoding "
+         "(default 89478485, PIL's limit).")]
+DropEmptyClasses = Annotated[bool, typer.Option(
+    "--drop-empty-classes", metavar="",
+    help="Leave out class folders without images instead of refusing the dataset.")]
 
 
 def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epochs, batch_size,
-          lr, levels, holdout=None):
+          lr, levels, holdout=None, trust_data=False):
     """Resolve the workspace and apply per-run overrides (not written back to the file).
 
     Nothing is written here: the caller validates the whole run first, then ``_session``
     creates the workspace and takes its lock."""
     from mlfd.config import DatasetEntry, Experiment, resolve_source, short_name
+    from mlfd.data.registry import set_trust_data
     from mlfd.presets import get_preset, preset_for_dataset
     from mlfd.workspace import EXPERIMENT_FILE, Workspace
 
+    set_trust_data(trust_data)  # per command (tests run many in one process)
+
+    _check_options(seed=seed, levels=levels, holdout=holdout, input_size=input_size,
+                   epochs=epochs, batch_size=batch_size, lr=lr)
     if preset and teachers:
         raise MlfdError("give either --preset or --teacher, not both")
     new, flips = None, {}
@@ -153,8 +178,9 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
             src, arch = (s.strip() for s in t.rsplit("=", 1))
             arch, hflip = _flip_suffix(arch)
             src = resolve_source(src, Path.cwd())  # stored absolute: works from anywhere
+            size = _default_size(arch)  # a timm architecture: no other suffix, no path
             entries.append(DatasetEntry(short_name(src), src, arch,
-                                        input_size or _default_size(arch),
+                                        size if input_size is None else input_size,
                                         hflip=True if hflip is None else hflip))
             if hflip is not None:
                 flips[src] = hflip
@@ -183,6 +209,7 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
             raise MlfdError(f"{workdir} already holds another experiment; edit "
                             f"{workdir}/{EXPERIMENT_FILE} or choose another --workdir")
     ws = Workspace.open(Path(workdir), new, data_root)
+    ws.exp.check_locations(ws.root)
     exp = ws.exp
     if holdout is not None and exp.holdout != holdout:
         raise MlfdError(f"--holdout {holdout:g}: {workdir} already holds an experiment with "
@@ -200,6 +227,23 @@ def _open(workdir, datasets, preset, teachers, input_size, seed, data_root, epoc
     return ws
 
 
+def _check_options(**values) -> None:
+    """Command-line values go through the experiment's schema, before anything is read."""
+    from mlfd.config import DatasetEntry, Experiment, TrainConfig, check_value
+
+    owners = {"seed": Experiment, "levels": Experiment, "holdout": Experiment,
+              "input_size": DatasetEntry, "epochs": TrainConfig, "batch_size": TrainConfig,
+              "lr": TrainConfig}
+    for key, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if why := check_value(owners[key], key, value):
+            raise MlfdError(f"{flag} {value}: expected {why}, got {value}")
+        if key == "holdout" and not 0 <= value < 1:  # the schema leaves this range to validate
+            raise MlfdError(f"{flag} {value:g}: expected a fraction in [0, 1), got {value:g}")
+
+
 def _set_cache_uri(ws, uri: str | None) -> None:
     """Apply --cache-uri (checked here; a run that writes saves it in experiment.yaml)."""
     if uri is None:
@@ -211,6 +255,15 @@ def _set_cache_uri(ws, uri: str | None) -> None:
     if uri and "://" not in uri:  # stored absolute, like dataset sources
         uri = str(Path(uri).expanduser().resolve())
     ws.exp.cache.uri = uri or None  # '': back to <workdir>/cache
+    ws.exp.check_locations(ws.root)
+
+
+def _images(max_image_pixels: int | None, drop_empty_classes: bool) -> None:
+    """Apply --max-image-pixels and --drop-empty-classes (per command: tests run many in one
+    process); before the datasets are listed."""
+    from mlfd.data.formats import set_image_policy
+
+    set_image_policy(max_image_pixels, drop_empty_classes)
 
 
 FLIP_SUFFIXES = {":noflip": False, ":flip": True}
@@ -306,18 +359,23 @@ def _opts(device, pipeline="auto", loss_backend=None, force=False, restart=False
 
 def _check(ws, opts, levels=None) -> None:
     """Check what needs data and models; nothing is written."""
+    from mlfd.config import check_model_kwargs
     from mlfd.stages.cache import check_levels
     from mlfd.stages.common import dataset_of
 
-    for e in ws.exp.datasets:
+    for i, e in enumerate(ws.exp.datasets):
         dataset_of(ws, e.name)  # exists, readable, >= 2 classes
         _default_size(e.arch)  # a timm architecture
+        check_model_kwargs(e, i)  # that its model takes
     if levels is not None:
         check_levels(ws, levels)
     if opts.loss_backend is None and levels is not None:
         from mlfd.losses import resolve_backend
 
         resolve_backend(ws.exp.distill.loss_backend, opts.device)
+    from mlfd.fastpaths import check_explicit  # on CUDA: an explicit choice must have passed
+
+    check_explicit(opts, ws.exp.distill.loss_backend if levels is not None else None)
 
 
 @contextlib.contextmanager
@@ -535,6 +593,7 @@ def _set_imports(ws, imports: list[str]) -> list[str]:
 
 def _dry_run(ws, opts, levels, as_json: bool, planner, *args) -> None:
     """Check the run as a real one would, then print its plan: no lock, nothing written."""
+    from mlfd.data.download import no_fetch
     from mlfd.engine.distributed import is_main
     from mlfd.engine.staging import set_read_only
     from mlfd.stages.plan import announce
@@ -542,8 +601,9 @@ def _dry_run(ws, opts, levels, as_json: bool, planner, *args) -> None:
     set_read_only()  # no lock is held: leave any other run's files as they are
     if not is_main():  # under torchrun rank 0 prints the plan
         return
-    _check(ws, opts, levels)
-    plan = planner(ws, *args)
+    with no_fetch():  # data that is not there is planned for, not downloaded
+        _check(ws, opts, levels)
+        plan = planner(ws, *args)
     write = partial(print, file=sys.stderr if as_json else sys.stdout)
     announce(ws, plan, write)
     write("[plan] dry run: nothing was run or written")
@@ -564,12 +624,15 @@ def _report(ws, opts) -> tuple[list[dict], dict]:
 
 @command()
 def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "auto",
-          seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
+          seed: Seed = None, data_root: DataRoot = None, trust_data: TrustData = False,
+          json_out: Json = False,
           preset: Preset = None, teacher: Teacher = None, input_size: InputSize = None,
           epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
           pipeline: Pipeline = "auto", force: Force = False, restart: Restart = False,
           dry_run: DryRun = False, log_to: LogTo = None, nproc: Nproc = None,
-          holdout: Holdout = None,
+          holdout: Holdout = None, precision: Precision = "auto",
+          skip_bad_images: SkipBadImages = False, max_image_pixels: MaxImagePixels = None,
+          drop_empty_classes: DropEmptyClasses = False,
           baseline: Annotated[str | None, typer.Option(
               "--baseline", metavar="KIND", help="multi-head | joint-head: train a "
                                                  "multi-dataset baseline instead of the teachers.")]
@@ -599,13 +662,17 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
     from mlfd.data.pipeline import check_auto_augment
     from mlfd.engine.distributed import is_main, on_main
     from mlfd.engine.progress import log
+    from mlfd.fastpaths import check_precision
     from mlfd.stages import teach as run
     from mlfd.stages.baselines import KINDS, train_baseline
     from mlfd.stages.plan import plan_baseline, plan_teach
+    from mlfd.stages.scan import scan
 
     opts = _opts(device, pipeline, force=force, restart=restart, log=log_to)
+    opts.precision = check_precision(precision)
+    _images(max_image_pixels, drop_empty_classes)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
-               lr, None, holdout)
+               lr, None, holdout, trust_data)
     if auto_augment is not None:
         policy = None if auto_augment.lower() == "none" else auto_augment
         ws.exp.teach.auto_augment = check_auto_augment(policy)
@@ -626,6 +693,7 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
     with _session(ws, opts):
         if changed and is_main():
             ws.record_imports(changed)  # the experiment now names these checkpoints
+        scan(ws, ws.exp.names() if baseline else names, skip_bad_images)  # before planning
         if baseline:  # under torchrun: rank 0 plans, every rank trains
             plan = on_main(plan_baseline, ws, baseline, arch, input_size, force, restart)
             res = {}
@@ -647,10 +715,13 @@ def teach(workdir: Workdir = None, dataset: Datasets = None, device: Device = "a
 
 @command()
 def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
-          seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
+          seed: Seed = None, data_root: DataRoot = None, trust_data: TrustData = False,
+          json_out: Json = False,
           preset: Preset = None, dataset: Datasets = None, pipeline: Pipeline = "auto",
           force: Force = False, restart: Restart = False, dry_run: DryRun = False,
-          cache_uri: CacheUri = None, nproc: Nproc = None):
+          cache_uri: CacheUri = None, nproc: Nproc = None,
+          skip_bad_images: SkipBadImages = False, max_image_pixels: MaxImagePixels = None,
+          drop_empty_classes: DropEmptyClasses = False):
     """Cache teacher embeddings at L_K for all datasets; then joint targets if `fuse` ran.
 
     Missing, stale or corrupt groups are (re)written; an interrupted extraction resumes
@@ -662,9 +733,12 @@ def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto
     from mlfd.stages import cache_targets, cache_teachers
     from mlfd.stages.fuse import joint_status
     from mlfd.stages.plan import plan_cache
+    from mlfd.stages.scan import scan
 
     opts = _opts(device, pipeline, force=force, restart=restart)
-    ws = _open(workdir, dataset, preset, None, None, seed, data_root, None, None, None, levels)
+    _images(max_image_pixels, drop_empty_classes)
+    ws = _open(workdir, dataset, preset, None, None, seed, data_root, None, None, None, levels,
+               trust_data=trust_data)
     _set_cache_uri(ws, cache_uri)
     k = _levels(ws, levels)
     _distribute(nproc, ws, opts, k, (), dry_run)
@@ -672,6 +746,7 @@ def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto
         return _dry_run(ws, opts, k, json_out, plan_cache, k, force)
 
     with _session(ws, opts, k):  # under torchrun every rank extracts its own rows
+        scan(ws, ws.exp.names(), skip_bad_images)
         done = {"teachers": cache_teachers(ws, opts, k), "targets": []}
         if on_main(joint_status, ws, k).ok:  # rank 0 decides for all
             done["targets"] = cache_targets(ws, opts, k)
@@ -680,11 +755,14 @@ def cache(workdir: Workdir = None, levels: Levels = None, device: Device = "auto
 
 @command()
 def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto",
-         seed: Seed = None, data_root: DataRoot = None, json_out: Json = False,
+         seed: Seed = None, data_root: DataRoot = None, trust_data: TrustData = False,
+         json_out: Json = False,
          preset: Preset = None, epochs: Epochs = None, batch_size: BatchSize = None,
          lr: Lr = None, force: Force = False, restart: Restart = False,
          dry_run: DryRun = False, log_to: LogTo = None, cache_uri: CacheUri = None,
-         nproc: Nproc = None):
+         nproc: Nproc = None, precision: Precision = "auto",
+         skip_bad_images: SkipBadImages = False, max_image_pixels: MaxImagePixels = None,
+         drop_empty_classes: DropEmptyClasses = False):
     """Train the joint teacher on the cached teacher embeddings of all datasets.
 
     An up-to-date joint teacher is kept (--force retrains); an interrupted run resumes.
@@ -693,18 +771,24 @@ def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto"
     """
     from mlfd.engine.distributed import on_main
     from mlfd.engine.progress import log
+    from mlfd.fastpaths import check_precision
     from mlfd.stages import fuse as run
     from mlfd.stages.fuse import joint_status
     from mlfd.stages.plan import plan_fuse
+    from mlfd.stages.scan import scan
 
     opts = _opts(device, force=force, restart=restart, log=log_to)
-    ws = _open(workdir, None, preset, None, None, seed, data_root, epochs, batch_size, lr, levels)
+    _images(max_image_pixels, drop_empty_classes)
+    opts.precision = check_precision(precision)
+    ws = _open(workdir, None, preset, None, None, seed, data_root, epochs, batch_size, lr, levels,
+               trust_data=trust_data)
     _set_cache_uri(ws, cache_uri)
     k = _levels(ws, levels)
     _distribute(nproc, ws, opts, k, ("fuse",), dry_run)
     if dry_run:
         return _dry_run(ws, opts, k, json_out, plan_fuse, k, force, restart)
     with _session(ws, opts, k):
+        scan(ws, ws.exp.names(), skip_bad_images)  # the teachers' data, as they saw it
         st = on_main(joint_status, ws, k)  # under torchrun rank 0 decides for all
         if st.ok and not force:
             log(f"[fuse] joint teacher L{k}: up to date (--force retrains)")
@@ -718,6 +802,7 @@ def fuse(workdir: Workdir = None, levels: Levels = None, device: Device = "auto"
 @command()
 def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = None,
             device: Device = "auto", seed: Seed = None, data_root: DataRoot = None,
+            trust_data: TrustData = False,
             json_out: Json = False, preset: Preset = None, teacher: Teacher = None,
             input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
             lr: Lr = None, pipeline: Pipeline = "auto", loss_backend: LossBackend = None,
@@ -729,11 +814,15 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
                      "(default: half the free memory, GPU memory too on CUDA, divided among "
                      "the processes on the machine under --nproc/torchrun: each holds its "
                      "own copy). Bigger target caches are streamed in chunk-shuffled "
-                     "windows, which the student's fingerprint records.")] = None):
+                     "windows, which the student's fingerprint records.")] = None,
+            precision: Precision = "auto", skip_bad_images: SkipBadImages = False,
+            max_image_pixels: MaxImagePixels = None,
+            drop_empty_classes: DropEmptyClasses = False):
     """Distil students; first runs (and announces) any missing or stale teach/cache/fuse step.
 
     Up-to-date results are reused; the plan says why each step runs. Interrupted
-    training resumes from its last finished epoch (--restart starts over).
+    training resumes from its last finished epoch (--restart starts over). Image
+    datasets are scanned first, as `mlfd check` does.
 
     Examples:\n
       mlfd distill --dataset fashion-mnist-mini --levels 2\n
@@ -741,14 +830,17 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
       mlfd distill --teacher data/a.npz=resnet18 --teacher data/b=efficientnet_b0 --dataset a
     """
     from mlfd.cache.stream import parse_size
+    from mlfd.fastpaths import check_precision
     from mlfd.stages import plan_distill, run_distill
     from mlfd.stages.distill import cache_budget
 
     opts = _opts(device, pipeline, loss_backend, force, restart, log_to)
+    opts.precision = check_precision(precision)
+    _images(max_image_pixels, drop_empty_classes)
     if cache_memory is not None:
         opts.cache_memory = parse_size(cache_memory)
     ws = _open(workdir, dataset, preset, teacher, input_size, seed, data_root, epochs, batch_size,
-               lr, levels, holdout)
+               lr, levels, holdout, trust_data)
     _set_cache_uri(ws, cache_uri)
     k = _levels(ws, levels)
     names = _names(ws, dataset)
@@ -757,7 +849,7 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
         return _dry_run(ws, opts, k, json_out, plan_distill, names, k, force, restart,
                         cache_budget(opts, nproc))  # the budget each of nproc would have
     with _session(ws, opts, k):
-        steps = run_distill(ws, opts, names, k)
+        steps = run_distill(ws, opts, names, k, skip_bad_images)
         rows, reports = _report(ws, opts)
     _emit(json_out, {"workdir": str(ws.root), "levels": k,
                      "steps": [vars(s) for s in steps], "rows": rows, "reports": reports}, rows)
@@ -765,7 +857,10 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
 
 @command("eval")
 def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot = None,
-          json_out: Json = False, pipeline: Pipeline = "auto", cache_uri: CacheUri = None):
+          trust_data: TrustData = False,
+          json_out: Json = False, pipeline: Pipeline = "auto", cache_uri: CacheUri = None,
+          skip_bad_images: SkipBadImages = False, max_image_pixels: MaxImagePixels = None,
+          drop_empty_classes: DropEmptyClasses = False):
     """Top-1/top-5 of every complete model and the paper-style comparison table.
 
     Incomplete, corrupt or stale results are listed with their status, never as results.
@@ -773,13 +868,66 @@ def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot 
     Example: mlfd eval --workdir mlfd-runs/demo --json
     """
     from mlfd.engine.staging import set_read_only
+    from mlfd.stages.scan import scan
 
     opts = _opts(device, pipeline)
-    ws = _open(workdir, None, None, None, None, None, data_root, None, None, None, None)
+    _images(max_image_pixels, drop_empty_classes)
+    ws = _open(workdir, None, None, None, None, None, data_root, None, None, None, None,
+               trust_data=trust_data)
     _set_cache_uri(ws, cache_uri)
     set_read_only()  # eval takes no lock: it must not touch a running stage's files
+    scan(ws, ws.exp.names(), skip_bad_images)  # the test images, as the models were made
     rows, reports = _report(ws, opts)
     _emit(json_out, {"workdir": str(ws.root), "rows": rows, "reports": reports}, rows)
+
+
+@command()
+def check(workdir: Workdir = None, dataset: Datasets = None, data_root: DataRoot = None,
+          trust_data: TrustData = False, json_out: Json = False, preset: Preset = None,
+          teacher: Teacher = None, skip_bad_images: SkipBadImages = False,
+          max_image_pixels: MaxImagePixels = None,
+          drop_empty_classes: DropEmptyClasses = False):
+    """Scan the datasets' images: the check every run starts with, alone.
+
+    Every image of every split is decoded once (in threads, with a progress bar)
+    and every bad file is reported at once: zero-byte, truncated, undecodable,
+    of a pixel mode the pipelines do not read alike, of an unexpected size, or
+    over the pixel limit (read from the header, never decoded). Hidden files
+    (.DS_Store, macOS ._name.png) and other extensions are not images of the
+    dataset and are left aside; an empty class folder is an error. Bad files
+    stop with exit 2 (listed in reports/bad-images-<dataset>.txt) unless
+    --skip-bad-images. The result is kept in the workdir: the next run does not
+    decode the same files again. Datasets held in memory (npz, MNIST, the demo
+    sets) have no files to scan.
+
+    Example: mlfd check --teacher data/digits=resnet18 --teacher data/letters=resnet18
+    """
+    from mlfd.stages.common import dataset_of
+    from mlfd.stages.scan import scan
+
+    opts = _opts("cpu")
+    _images(max_image_pixels, drop_empty_classes)
+    ws = _open(workdir, dataset, preset, teacher, None, None, data_root, None, None, None, None,
+               trust_data=trust_data)
+    names = _names(ws, dataset)
+    with _session(ws, opts):
+        found = {r.name: r for r in scan(ws, names, skip_bad_images)}
+    docs = []
+    for n in names:
+        r = found.get(n)
+        if r is None:
+            ds = dataset_of(ws, n)
+            docs.append({"dataset": n, "images": sum(len(ds.load(s)) for s in ds.splits()),
+                         "files": False, "bad": [], "skipped": False})
+            line = f"{n}: images held in memory, no files to scan"
+        else:
+            docs.append({"dataset": n, "images": r.images, "files": True, "skipped": r.skipped,
+                         "bad": [vars(b) for b in r.bad], "list": r.listing})
+            line = f"{n}: {r.images} images" + (
+                f", {len(r.bad)} bad left out (listed in {r.listing})" if r.bad else ", all good")
+        print(line, file=sys.stderr if json_out else sys.stdout)
+    if json_out:
+        sys.stdout.write(json.dumps({"workdir": str(ws.root), "datasets": docs}) + "\n")
 
 
 @command()
@@ -790,7 +938,7 @@ def export(out: Annotated[Path, typer.Argument(
                int | None, typer.Option("--levels", "-k", metavar="K",
                                         help="The student distilled at L1..LK (default: the "
                                              "highest complete one).")] = None,
-           data_root: DataRoot = None, json_out: Json = False,
+           data_root: DataRoot = None, trust_data: TrustData = False, json_out: Json = False,
            force: Annotated[bool, typer.Option(
                "--force", metavar="", help="Export a stale or incomplete student too.")] = False):
     """Export a student as timm weights with a timm/Hugging Face config.json.
@@ -808,7 +956,8 @@ def export(out: Annotated[Path, typer.Argument(
 
     if not dataset or len(dataset) != 1 or dataset[0] == "all":
         raise MlfdError("export takes exactly one --dataset NAME")
-    ws = _open(workdir, dataset, None, None, None, None, data_root, None, None, None, None)
+    ws = _open(workdir, dataset, None, None, None, None, data_root, None, None, None, None,
+               trust_data=trust_data)
     set_read_only()  # no lock is taken: the workdir is only read
     doc = export_student(ws, dataset[0], out, levels, force)
     line = (f"exported {doc['dataset']} L{doc['levels']} student ({doc['status']}) "
@@ -831,7 +980,12 @@ def _stage_rows(ws) -> list[dict]:
     from mlfd.stages.distill import student_fingerprint
     from mlfd.stages.evaluate import trained_levels
     from mlfd.stages.fuse import joint_fingerprint
+    from mlfd.stages.scan import recorded
     from mlfd.stages.teach import teacher_fingerprint
+
+    for name in ws.exp.names():  # a run's accepted skip of bad images is part of its data
+        with contextlib.suppress(MlfdError):
+            recorded(ws, name)
 
     def row(stage, target, art, fingerprint):
         try:
@@ -923,21 +1077,140 @@ def list_(root: Annotated[Path, typer.Option(
 REBUILT = ("teachers", "joint", "students", "baselines", "reports", "cache")
 
 
-def _clean_targets(root: Path, everything: bool) -> list[Path]:
-    """What `clean` removes: caches and staged runs; with ``everything`` all results too."""
+STAGED_IN = ("teachers", "joint", "students", "baselines")  # where training runs are staged
+STORE_KINDS = {"teachers": "teacher-embeddings", "targets": "joint-targets"}  # <name>-L<K>.zarr
+REPORT_FILES = ("results.json", "results.md", "curves-*.png")
+
+
+def _store_judge(ws, name: str):
+    """judge(group, fingerprint) for ``store.foreign``: why a group of the cache store
+    ``name`` is not this experiment's (None: it is); None for a name mlfd never gives."""
+    import re
+
+    m = re.fullmatch(r"\.?(teachers|targets)-L([1-9][0-9]*)\.zarr(?:\.partial)?", name)
+    if m is None:
+        return None
+    names = set(ws.exp.names())
+
+    def judge(group: str, fp: dict) -> str | None:
+        dataset, split = group.split("/")
+        split = re.sub(r"^\.(.+)\.(?:partial|old)$", r"\1", split)  # a staged group
+        want = (STORE_KINDS[m[1]], int(m[2]), dataset, split)
+        if dataset not in names or (fp.get("kind"), fp.get("level"), fp.get("dataset"),
+                                    fp.get("split")) != want:
+            return f"not the {m[1]} cache of this experiment"
+        return None
+
+    return judge
+
+
+Found = list[tuple[str, int, Callable[[], None]]]  # (path, bytes, remove) of what clean removes
+
+
+def _cache_stores(ws, location) -> tuple[Found, list[tuple[str, str]]]:
+    """([(path, bytes, remove)] of this experiment's cache stores under ``location``,
+    [(path, why)] of the other ``*.zarr`` there): a shared directory keeps the others."""
+    from mlfd.cache.store import foreign, stores_under
+
+    mine, others = [], []
+    for p, d in stores_under(location):
+        judge = _store_judge(ws, p.rstrip("/").rsplit("/", 1)[-1])
+        why = "not a name mlfd gives a cache store" if judge is None else foreign(d, judge)
+        if why:
+            others.append((p, why))
+        else:
+            mine.append((p, d.nbytes(), d.remove))
+    return mine, others
+
+
+def _mlfd_result(d: Path) -> bool:
+    """A trained result's directory: its checkpoint metadata says mlfd wrote it."""
+    for name in ("last.json", "best.json"):
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((d / name).read_text())
+            if isinstance(meta, dict) and "mlfd_version" in meta and "fingerprint" in meta:
+                return True
+    return False
+
+
+def _made_by_mlfd(p: Path, top: str) -> bool:
+    """Whether mlfd made ``p``, in (or below) its layout directory ``top``: a staged run,
+    a trained result, a report file."""
+    from fnmatch import fnmatch
+
+    if p.is_symlink():
+        return False
+    if p.is_dir():
+        staged = p.name.startswith(".") and p.name.endswith((".partial", ".old"))
+        return top in STAGED_IN and (staged or _mlfd_result(p))
+    return top == "reports" and any(fnmatch(p.name, f) for f in REPORT_FILES)
+
+
+def _sweep(d: Path, top: str) -> tuple[list[Path], list[Path]] | None:
+    """(what mlfd made under directory ``d``, the rest); None when mlfd made all of it
+    (an empty directory too): then ``d`` goes whole."""
+    mine, others = [], []
+    for p in sorted(d.iterdir()):
+        if _made_by_mlfd(p, top):
+            mine.append(p)
+        elif p.is_dir() and not p.is_symlink():
+            inside = _sweep(p, top)
+            if inside is None:
+                mine.append(p)
+            else:
+                mine += inside[0]
+                others += inside[1]
+        else:
+            others.append(p)
+    return None if not others else (mine, others)
+
+
+def _clean_targets(ws, everything: bool) -> tuple[Found, list[tuple[str, str]]]:
+    """What `clean` removes, [(path, bytes, remove)]: this experiment's cache stores and
+    staged runs; with ``everything`` all results too. And what it leaves alone although it
+    lies where those do, [(path, why)]: mlfd deletes only what it made (design §13)."""
+    root, found, kept = ws.root, [], []
+
+    def take(p: Path) -> None:
+        found.append((str(p), _size(p), partial(_remove, p)))
+
+    locations, elsewhere = [root / "cache"], ws.cache_root()
+    if ws.exp.cache.uri and not (isinstance(elsewhere, Path)
+                                 and elsewhere.resolve() == (root / "cache").resolve()):
+        locations.append(elsewhere)  # caches kept elsewhere (cache.uri) are this workdir's too
+    for i, location in enumerate(locations):
+        if isinstance(location, Path) and (not location.is_dir() or location.is_symlink()):
+            continue
+        mine, others = _cache_stores(ws, location)
+        if i == 0 and everything:  # <workdir>/cache itself: whole if all in it is mlfd's
+            seen = {p for p, *_ in mine} | {p for p, _ in others}
+            others += [(str(p), "not made by mlfd") for p in sorted(location.iterdir())
+                       if str(p) not in seen]
+            if not others:
+                take(location)
+                continue
+        found += mine
+        kept += others
     if everything:
-        found = [root / d for d in REBUILT if (root / d).exists()]
-    else:
-        found = sorted(p for p in (root / "cache").glob("*.zarr") if p.is_dir())
-    for d, dirs, _ in os.walk(root):  # staged (interrupted) runs and cache groups
-        for name in list(dirs):
-            p = Path(d) / name
-            if any(p.is_relative_to(f) for f in found):
-                dirs.remove(name)
-            elif name.startswith(".") and name.endswith(".partial"):
-                found.append(p)
-                dirs.remove(name)
-    return found
+        for top in REBUILT:
+            d = root / top
+            if top == "cache" or not d.is_dir() or d.is_symlink():
+                continue
+            inside = _sweep(d, top)
+            if inside is None:
+                take(d)
+            else:
+                for p in inside[0]:
+                    take(p)
+                kept += [(str(p), "not made by mlfd") for p in inside[1]]
+        return found, kept
+    for top in STAGED_IN:  # staged (interrupted) training runs
+        for d, dirs, _ in os.walk(root / top):
+            for name in list(dirs):
+                if name.startswith(".") and name.endswith(".partial"):
+                    take(Path(d) / name)
+                    dirs.remove(name)
+    return found, kept
 
 
 def _size(path: Path) -> int:
@@ -957,9 +1230,9 @@ def _human(n: int) -> str:
 @command()
 def clean(workdir: Workdir = None,
           caches: Annotated[bool, typer.Option(
-              "--caches", metavar="", help="Remove cache/*.zarr (or the stores under cache.uri) "
-                                           "and staged runs (.*.partial): trained results "
-                                           "stay.")] = False,
+              "--caches", metavar="", help="Remove this experiment's cache stores (cache/*.zarr, "
+                                           "and those under cache.uri) and staged runs "
+                                           "(.*.partial): trained results stay.")] = False,
           everything: Annotated[bool, typer.Option(
               "--all", metavar="", help="Also remove every trained result and report; "
                                         "experiment.yaml stays.")] = False,
@@ -971,7 +1244,9 @@ def clean(workdir: Workdir = None,
 
     --caches: embedding caches and interrupted (staged) runs. --all: also
     teachers, joint teachers, students, baselines and reports; only
-    experiment.yaml stays. Takes the workdir's lock.
+    experiment.yaml stays. Only what mlfd made goes: a store under cache.uri
+    that is not this experiment's, or a file mlfd did not write, is left alone
+    (and listed). Takes the workdir's lock.
 
     Example: mlfd clean --workdir mlfd-runs/demo --caches
     """
@@ -987,41 +1262,37 @@ def clean(workdir: Workdir = None,
                         "removed")
     ws = Workspace.open(root)
 
-    def report(sizes: list[tuple[str, int]]) -> None:
+    def shown(p: str):
+        return Path(p).relative_to(ws.root) if Path(p).is_relative_to(ws.root) else p
+
+    def report(sizes: list[tuple[str, int]], kept: list[tuple[str, str]]) -> None:
         total = sum(n for _, n in sizes)
         write = partial(print, file=sys.stderr if json_out else sys.stdout)
         verb = "would remove" if dry_run else "removed"
         for p, n in sizes:
-            shown = Path(p).relative_to(ws.root) if Path(p).is_relative_to(ws.root) else p
-            write(f"{verb} {shown} ({_human(n)})")
+            write(f"{verb} {shown(p)} ({_human(n)})")
+        for p, why in kept:  # on stderr: a warning, not a result
+            print(f"left alone {shown(p)}: {why}", file=sys.stderr)
         write(f"{verb} {len(sizes)} path(s), {total} bytes ({_human(total)}) from {ws.root}"
               + (f" and {ws.exp.cache.uri}" if ws.exp.cache.uri else "")
               + ("; dry run: nothing was removed" if dry_run else ""))
         if json_out:
             sys.stdout.write(json.dumps({
                 "workdir": str(ws.root), "dry_run": dry_run, "bytes": total,
-                "removed": [{"path": p, "bytes": n} for p, n in sizes]}) + "\n")
-
-    def targets() -> list[tuple[str, int, Callable[[], None]]]:
-        found = [(str(p), _size(p), partial(_remove, p))
-                 for p in _clean_targets(ws.root, everything)]
-        if ws.exp.cache.uri:  # caches kept elsewhere (cache.uri) are this workdir's too
-            from mlfd.cache.store import stores_under
-
-            local = [Path(p) for p, _, _ in found]
-            found += [(p, n, d.remove) for p, n, d in stores_under(ws.cache_root())
-                      if not any(Path(p).is_relative_to(q) for q in local)]
-        return found
+                "removed": [{"path": p, "bytes": n} for p, n in sizes],
+                "left_alone": [{"path": p, "reason": why} for p, why in kept]}) + "\n")
 
     if dry_run:
         set_read_only()  # no lock is taken: nothing is touched
-        return report([(p, n) for p, n, _ in targets()])
+        found, kept = _clean_targets(ws, everything)
+        return report([(p, n) for p, n, _ in found], kept)
     with ws.locked():
         sizes = []
-        for p, n, remove in targets():
+        found, kept = _clean_targets(ws, everything)
+        for p, n, remove in found:
             remove()
             sizes.append((p, n))
-    report(sizes)
+    report(sizes, kept)
 
 
 def _remove(p: Path) -> None:
@@ -1032,11 +1303,24 @@ def _remove(p: Path) -> None:
 
 
 @command()
-def info(json_out: Json = False):
-    """Versions and which fast paths (CUDA, Triton kernel, DALI GPU) are active."""
+def info(json_out: Json = False,
+         check: Annotated[bool, typer.Option(
+             "--check", metavar="",
+             help="Check every fast path against its reference (Triton kernel, torch.compile, "
+                  "DALI GPU decoding, DALI vs driver, bf16/fp16) and show one row each; "
+                  "cached per environment, so it runs once.")] = False,
+         refresh: Annotated[bool, typer.Option(
+             "--refresh", metavar="", help="With --check: run it again, ignoring the cache.")]
+         = False):
+    """Versions, the DALI build against the driver, and what `auto` uses (fast paths).
+
+    Examples:\n
+      mlfd info\n
+      mlfd info --check --json
+    """
     from mlfd.info import collect
 
-    doc = collect()
+    doc = collect(check=check or refresh, refresh=refresh)
     if json_out:
         sys.stdout.write(json.dumps(doc) + "\n")
         return
@@ -1045,20 +1329,32 @@ def info(json_out: Json = False):
 
     t = Table(title="mlfd info", show_header=False)
     for k, v in doc.items():
-        t.add_row(k, str(v))
+        if k != "check":
+            t.add_row(k, str(v))
     Console().print(t)
+    if "check" in doc:
+        rep = doc["check"]
+        c = Table(title="fast paths" + (f" (cached {rep['created']})" if rep["cached"] else ""))
+        for col in ("path", "status", "detail"):
+            c.add_column(col)
+        style = {"ok": "green", "failed": "red", "unavailable": "yellow"}
+        for r in rep["rows"]:
+            detail = r["detail"] + (f"; fix: {r['fix']}" if r.get("fix") else "")
+            c.add_row(r["name"], f"[{style[r['status']]}]{r['status']}[/]", detail)
+        Console().print(c)
 
 
 def main() -> None:
     """Exit codes: 0 ok, 1 internal error (a bug), 2 bad input or state, 3 filesystem,
-    4 workdir in use by another run, 130 interrupted.
+    4 workdir in use by another run, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 
     Under torchrun (or --nproc) every process runs this; see mlfd.engine.distributed."""
     from mlfd.engine import distributed
     from mlfd.engine.metrics import set_tensorboard
-    from mlfd.engine.staging import set_read_only
+    from mlfd.engine.staging import Sigterm, set_read_only
 
     usage_errors, no_args, aborts = _click_exceptions()
+    sigterm = Sigterm()  # preemption stops a run as Ctrl-C does; restored below
     # per command (tests run many in one process); under torchrun only rank 0 may finish
     # another run's promotion, as only it writes
     set_read_only(not distributed.is_main())
@@ -1090,8 +1386,12 @@ def main() -> None:
         from mlfd.engine.staging import interrupt_note
 
         note = interrupt_note()
-        _say("interrupted: finished results are kept" + (f"; {note}" if note else ""), 130)
-        sys.exit(130)
+        code = 143 if sigterm.terminated else 130
+        # under torchrun a SIGTERM may be the launcher stopping the ranks after another one
+        # failed: that rank's error is the one to show
+        _say("interrupted: finished results are kept" + (f"; {note}" if note else ""), code,
+             secondary=sigterm.terminated and distributed.world() > 1)
+        sys.exit(code)
     except OSError as e:
         _say(f"error: {_os_error(e)}", 3)
         sys.exit(3)
@@ -1105,6 +1405,8 @@ def main() -> None:
         _say(f"internal error: {e.__class__.__name__}: {e} (set MLFD_DEBUG=1 for a traceback)",
              1)
         sys.exit(1)
+    finally:
+        sigterm.restore()
 
 
 def _lost_peer(e: Exception) -> bool:
@@ -1137,12 +1439,9 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple]:
 
 def _os_error(e: OSError) -> str:
     """The filesystem's refusal in one line, naming the path."""
-    what = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
-            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-            errno.ENOTDIR: "not a directory", errno.EDQUOT: "disk quota exceeded"}
-    reason = what.get(e.errno, e.strerror or str(e))
-    path = e.filename or ""
-    return f"{reason}: {path}" if path else reason
+    from mlfd.engine.diskio import describe
+
+    return describe(e)
 
 
 if __name__ == "__main__":

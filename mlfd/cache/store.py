@@ -12,7 +12,8 @@ logical dtypes (``bfloat16`` is stored as its uint16 bit pattern: numpy has no b
 the codec and a ``complete`` flag.
 
     <parent>/<name>/              the last COMPLETE group, with manifest.json (and
-                                  verified.json: which files status() already checked)
+                                  verified.json: which files status() already checked;
+                                  damaged.json: arrays that failed to decode when read)
     <parent>/.<name>.partial/     the extraction in progress, with progress.json (and
                                   progress.rank<r>.json: each rank's cursors, torchrun)
     <parent>/.<name>.old/         local disks only, for an instant while a group is promoted
@@ -38,7 +39,14 @@ a damaged chunk on read. ``status()`` re-reads only the files whose stat changed
 they were last found intact (verified.json; local files: size, mtime, ctime and inode;
 object stores: size and ETag, else modification time), so repeated checks of a large
 cache read no chunk data. A file modified less than ``RACY_NS`` before its check is
-checked again next time: coarse file-system clocks may not have moved its mtime.
+checked again next time: coarse file-system clocks may not have moved its mtime. A chunk
+that fails its crc32c when read (damage the manifest and the memo did not see: written
+damaged, or rewritten where the stat does not show it) drops the memo and is recorded in
+damaged.json, which makes ``status()`` say "corrupt" until the group is rebuilt.
+
+Ownership: mlfd's groups carry a fingerprint and its digest in their attributes (plain
+zarr writes neither), and ``foreign`` says why a store is not made of such groups only:
+`mlfd clean` removes nothing else.
 
 Locations: a local path, or any fsspec URL (``file://`` URLs are local paths;
 ``memory://``, ``s3://`` with s3fs, ...). Object stores have no atomic rename, so there a
@@ -67,6 +75,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..engine.diskio import writing
 from ..engine.fingerprint import changes, digest
 from ..engine.staging import StagedDir, set_interrupt_note
 from ..errors import CorruptArtifact, MlfdError, StaleCacheError
@@ -80,7 +89,8 @@ FORMAT = 3  # 3: sharded arrays; 2: staging, manifest, per-chunk crc32c. Others 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 VERIFIED = "verified.json"
-BOOKKEEPING = (MANIFEST, PROGRESS, VERIFIED)  # beside the arrays, never in the manifest
+DAMAGED = "damaged.json"  # arrays that failed to decode when read: rebuild the group
+BOOKKEEPING = (MANIFEST, PROGRESS, VERIFIED, DAMAGED)  # beside the arrays, not in the manifest
 # A sharded extraction's ranks each keep their cursors in their own file (no shared writes)
 RANK_PROGRESS = re.compile(r"progress\.rank\d+\.json")
 CODECS = ("zstd", "lz4", "none")
@@ -193,21 +203,21 @@ def join(location: Path | str, *parts: str) -> Path | str:
     return Path(location).joinpath(*parts)
 
 
-def stores_under(location: Path | str) -> list[tuple[str, int, object]]:
-    """(path or URL, bytes, handle with ``remove()``) of every cache store directly under
-    ``location`` and of every staged one (``.*.zarr.partial``), for `mlfd clean`."""
+def stores_under(location: Path | str) -> list[tuple[str, _LocalDir | _RemoteDir]]:
+    """(path or URL, handle with ``nbytes()``, ``remove()``) of every directory named like
+    a cache store directly under ``location`` (``*.zarr``, ``.*.zarr.partial``), for
+    `mlfd clean`: whose are they is for ``foreign`` to say."""
     fs, path = (None, location) if not isinstance(location, str) else _url_to_fs(location)
     if fs is None:
         base = Path(path)
-        found = sorted(p for pattern in ("*.zarr", ".*.zarr.partial") for p in base.glob(pattern)
-                       if p.is_dir())
-        return [(str(p), _LocalDir(p).nbytes(), _LocalDir(p)) for p in found]
+        found = sorted({p for pattern in ("*.zarr", ".*.zarr.partial")
+                        for p in base.glob(pattern) if p.is_dir()})
+        return [(str(p), _LocalDir(p)) for p in found]
     out = []
     for pattern in ("*.zarr", ".*.zarr.partial"):
         for p in sorted(fs.glob(f"{str(path).rstrip('/')}/{pattern}")):
             if fs.isdir(p):
-                d = _RemoteDir(fs, p)
-                out.append((f"{location.rstrip('/')}/{p.rsplit('/', 1)[-1]}", d.nbytes(), d))
+                out.append((f"{location.rstrip('/')}/{p.rsplit('/', 1)[-1]}", _RemoteDir(fs, p)))
     return out
 
 
@@ -256,8 +266,13 @@ class _LocalDir:
     def write_json(self, rel: str, obj) -> None:
         """Write then rename: a kill leaves the old file or the new one, never half of one."""
         tmp = self.path / (rel + ".tmp")
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, self.path / rel)
+        try:
+            tmp.write_text(json.dumps(obj))
+            os.replace(tmp, self.path / rel)
+        except BaseException:  # a full disk, Ctrl-C: no half-written tmp stays behind
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
     def delete(self, rel: str) -> None:
         (self.path / rel).unlink(missing_ok=True)
@@ -280,6 +295,17 @@ class _LocalDir:
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def listing(self) -> list[str]:
+        """Every entry but directories (bookkeeping, links and sockets too), relative."""
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
+                      if p.is_symlink() or not p.is_dir())
+
+    def sub(self, rel: str) -> _LocalDir:
+        return _LocalDir(self.path / rel)
+
+    def is_link(self) -> bool:
+        return self.path.is_symlink()
 
     def zarr_store(self, read_only: bool = False):
         return str(self.path)  # zarr opens a LocalStore
@@ -347,6 +373,15 @@ class _RemoteDir:
 
     def nbytes(self) -> int:
         return sum(int(info.get("size", 0)) for info in self._find().values())
+
+    def listing(self) -> list[str]:
+        return sorted(self._find())
+
+    def sub(self, rel: str) -> _RemoteDir:
+        return _RemoteDir(self.fs, self._p(rel))
+
+    def is_link(self) -> bool:
+        return False
 
     def zarr_store(self, read_only: bool = False):
         from zarr.storage import FsspecStore
@@ -457,6 +492,82 @@ def _verify(root) -> str | None:
     if checked != memo and not _read_only():  # read-only runs (eval, --dry-run) write nothing
         with contextlib.suppress(OSError):  # only a memo: a failed write costs a re-read
             d.write_json(VERIFIED, {"manifest": tag, "files": checked})
+    return None
+
+
+def _may_record() -> bool:
+    """Whether this process may write a group's bookkeeping after a failed read: not a
+    command that holds no workdir lock (eval, --dry-run); a torchrun rank other than 0
+    may, under rank 0's lock (its only reason to be read-only is promotion, done by then)."""
+    from ..engine.distributed import world
+
+    return not _read_only() or world() > 1
+
+
+def _damaged(d) -> dict[str, str]:
+    """The arrays recorded in damaged.json (name -> why), {} if none (or unreadable)."""
+    try:
+        arrays = json.loads(d.read(DAMAGED))["arrays"]
+        return dict(arrays) if isinstance(arrays, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _damage_note(d) -> str | None:
+    """Why the group must be rebuilt after a read failed (None: no read failed)."""
+    if not d.exists(DAMAGED):
+        return None
+    arrays = _damaged(d)
+    if not arrays:
+        return f"{DAMAGED} unreadable"
+    name, why = next(iter(arrays.items()))
+    return f"array {name} failed to decode when read ({why})"
+
+
+def record_damage(d, array: str, why: str) -> bool:
+    """A chunk of ``array`` failed its checksum when read although the group was checked:
+    drop the memo of intact files (the next check reads every byte again) and record the
+    array in damaged.json, which keeps status() "corrupt" until a rebuild replaces the
+    group (the manifest may match damaged bytes: they were damaged before it was made).
+    False where nothing could be recorded: this process may not write (eval, --dry-run),
+    or the write failed."""
+    if not _may_record():
+        return False
+    recorded = True
+    try:  # a failed write (a full disk) must not hide the corrupt chunk's own error
+        d.write_json(DAMAGED, {"arrays": {**_damaged(d), array: why}})
+    except (OSError, MlfdError):
+        recorded = False
+    with contextlib.suppress(OSError, MlfdError):
+        d.delete(VERIFIED)
+    return recorded
+
+
+def foreign(d, judge) -> str | None:
+    """Why the store (a ``.zarr`` directory of ``stores_under``) is not one of mlfd's;
+    None when it is: every file in it lies in a ``<dataset>/<split>`` group whose
+    attributes carry a fingerprint and its digest (what mlfd writes, plain zarr does not),
+    and ``judge(group, fingerprint)`` (None, or why not) takes each group as its own."""
+    if d.is_link():
+        return "a symbolic link (mlfd never makes one)"
+    groups: set[str] = set()
+    for rel in d.listing():
+        parts = rel.split("/")
+        if len(parts) < 3:  # mlfd writes nothing beside its groups
+            return f"{rel} is not in a cache group"
+        groups.add("/".join(parts[:2]))
+    if not groups:
+        return "no cache group in it"
+    for g in sorted(groups):
+        try:
+            attrs = _attrs(d.sub(g))
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{g}: no readable zarr.json"
+        fp = attrs.get("fingerprint")
+        if not isinstance(fp, dict) or attrs.get("fingerprint_digest") != digest(fp):
+            return f"{g}: no mlfd fingerprint"
+        if why := judge(g, fp):
+            return f"{g}: {why}"
     return None
 
 
@@ -577,7 +688,9 @@ class CacheGroup:
         elif not _read_only() and self._dir(self.staging).exists(MANIFEST):
             self._copy_promote()  # a promotion a kill interrupted
 
-    def _inspect(self) -> tuple[str, str]:
+    def _inspect(self, reading: bool = False) -> tuple[str, str]:
+        """(state, why). ``reading``: for a reader, which damaged.json does not stop: the
+        chunks' crc32c refuse exactly the damaged ones, the rest of the group reads."""
         self._recover()
         if not self.exists():
             return "missing", "missing"
@@ -597,6 +710,8 @@ class CacheGroup:
         if self.fs is not None and not final.exists(MANIFEST) \
                 and self._dir(self.staging).exists(MANIFEST):
             return "incomplete", "incomplete (being copied into place)"
+        if not reading and (note := _damage_note(final)):
+            return "corrupt", f"corrupt: {note}"
         problem = _verify(final)  # last: it reads every file changed since its last check
         return ("corrupt", f"corrupt: {problem}") if problem else ("ok", "ok")
 
@@ -608,14 +723,23 @@ class CacheGroup:
         """One line saying why: 'ok', 'missing', 'stale: views 4 → 8', 'corrupt: ...'."""
         return self._inspect()[1]
 
-    def _rebuild_hint(self, why: str) -> str:
+    def _rebuild_hint(self, why: str, recorded: bool = True) -> str:
+        if not recorded:  # damage nothing on disk shows: only --force rewrites the group
+            return (f"cache {self.location}: {why}; re-run `mlfd cache --force` to rebuild "
+                    "it")
         verb = "build" if why == "missing" else "rebuild"
         return (f"cache {self.location}: {why}; re-run `mlfd cache` (or `mlfd distill`) to "
                 f"{verb} it, no --force needed")
 
+    def record_damage(self, array: str, why: str) -> bool:
+        """``array`` failed to decode when read: see ``record_damage`` (module level)."""
+        return record_damage(self._dir(self.path), array, why)
+
     def check(self) -> None:
-        """Raise a one-line error unless the group is complete, current and intact."""
-        state, why = self._inspect()
+        """Raise a one-line error unless the group is complete, current and intact (by its
+        manifest: arrays recorded as damaged by a failed read make status() ask for a
+        rebuild, but their undamaged chunks still read)."""
+        state, why = self._inspect(reading=True)
         if state == "ok":
             return
         error = {"missing": MlfdError, "corrupt": CorruptArtifact}.get(state, StaleCacheError)
@@ -678,7 +802,8 @@ class CacheGroup:
         shares = {"id": uuid.uuid4().hex, "world": world, "ranges": ranges,
                   "cursors": {k: self._keep(k, a, done[k], ranges[k])
                               for k, a in handles.items()}}
-        self._dir(self.staging).write_json(PROGRESS, {**self._head(spec), "shares": shares})
+        with _writing(self):
+            self._dir(self.staging).write_json(PROGRESS, {**self._head(spec), "shares": shares})
         # only now: until the new shares were written, the old ranks' files said what is done
         self._drop_rank_files(old_world)
         return shares
@@ -746,6 +871,10 @@ class CacheGroup:
 
     def _create(self, spec: dict) -> tuple:
         """A new, empty staging group: (zarr group, arrays)."""
+        with _writing(self):
+            return self._create_in(spec)
+
+    def _create_in(self, spec: dict) -> tuple:
         staged = self._dir(self.staging)
         staged.remove()
         if self.fs is None:
@@ -823,9 +952,10 @@ class CacheGroup:
         for k in names:
             try:
                 out[k] = g[k][...] if rows is None else g[k][rows[0]:rows[1]]
-            except DECODE_ERRORS as e:  # damaged after check(): still one clear line
+            except DECODE_ERRORS as e:  # damage check() did not see: still one clear line
+                recorded = self.record_damage(k, type(e).__name__)  # so a re-run rebuilds
                 raise CorruptArtifact(self._rebuild_hint(
-                    f"corrupt: array {k} failed to decode ({type(e).__name__})")) from e
+                    f"corrupt: array {k} failed to decode ({type(e).__name__})", recorded)) from e
         return out
 
     def tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -845,6 +975,13 @@ class CacheGroup:
 
     def nbytes(self) -> int:
         return self._dir(self.path).nbytes()
+
+
+def _writing(group: CacheGroup):
+    """Failed writes into the staging group (a full disk: zarr's OSError names no file)
+    as one FilesystemError naming it."""
+    fs = group.fs
+    return writing(group.staging if fs is None else fs.unstrip_protocol(str(group.staging)))
 
 
 class CacheWriter:
@@ -911,12 +1048,17 @@ class CacheWriter:
         if stop == start:
             return
         block = np.concatenate(self._pending[name])
-        arr[start:stop] = block[:stop - start]
+        with _writing(self.group):
+            arr[start:stop] = block[:stop - start]
         self._pending[name] = [block[stop - start:]] if stop < self._next[name] else []
         self._durable[name] = stop
         self._save_progress()
 
     def _save_progress(self) -> None:
+        with _writing(self.group):
+            self._write_progress()
+
+    def _write_progress(self) -> None:
         staged = self.group._dir(self.group.staging)
         if self._shared is None:
             staged.write_json(PROGRESS, {**self.group._head(self._spec), "cursors": self._durable})
@@ -951,9 +1093,11 @@ class CacheWriter:
                             f"are missing (rank {r} of {world} wrote {start}–{at} of its "
                             f"{start}–{stop}); re-run to resume the extraction")
             drop = tuple(rank_progress(r) for r in range(world))
-        self.zgroup.attrs["complete"] = True
-        staged = self.group._dir(self.group.staging)
-        # the id makes every write's manifest unique: a copy-promotion can tell it finished
-        staged.write_json(MANIFEST, {"id": uuid.uuid4().hex, "files": _manifest(staged)})
-        self.group._promote(drop)
+        with _writing(self.group):
+            self.zgroup.attrs["complete"] = True
+            staged = self.group._dir(self.group.staging)
+            # the id makes every write's manifest unique: a copy-promotion can tell it
+            # finished
+            staged.write_json(MANIFEST, {"id": uuid.uuid4().hex, "files": _manifest(staged)})
+            self.group._promote(drop)
         set_interrupt_note(None)

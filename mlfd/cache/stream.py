@@ -198,7 +198,8 @@ class _StreamBase:
     def __init__(self, zgroup, names: list[str], batch_size: int, *, chunk_rows: int,
                  window: int, device: torch.device | str = "cpu", prefetch: int = 1,
                  hint: Callable[[str], str] | None = None,
-                 resident: dict[str, torch.Tensor] | None = None, readers: int | None = None):
+                 resident: dict[str, torch.Tensor] | None = None, readers: int | None = None,
+                 on_damage: Callable[[str, str], object] | None = None):
         if not names or batch_size < 1 or chunk_rows < 1 or window < 1 or prefetch < 0:
             raise ValueError("names must be given, batch_size, chunk_rows and window >= 1, "
                              "prefetch >= 0")
@@ -214,6 +215,10 @@ class _StreamBase:
         self.prefetch = prefetch
         self.device = torch.device(device)
         self.hint = hint or _default_hint
+        # what records an array that failed to decode, so that a re-run rebuilds the group
+        # (its memo says intact): by default the cache group whose _rebuild_hint is the hint
+        self.on_damage = on_damage or getattr(getattr(hint, "__self__", None),
+                                              "record_damage", None)
 
     def _batches(self, reader: _Reader, tag: int, order: np.ndarray,
                  done: Callable[[], None] | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -299,6 +304,8 @@ class _StreamBase:
                     try:
                         f.result()
                     except DECODE_ERRORS as e:
+                        if self.on_damage is not None:
+                            self.on_damage(k, type(e).__name__)
                         raise CorruptArtifact(self.hint(
                             f"corrupt: array {k} failed to decode ({type(e).__name__})")) from e
         finally:
@@ -317,7 +324,9 @@ class TargetStream(_StreamBase):
     ``device`` (via pinned memory on CUDA). ``zgroup`` is a read-only zarr group, e.g.
     ``CacheGroup.open_read()``; names in ``resident`` (whole (N, V, ...) tensors on the host)
     are gathered from those instead. ``hint`` turns "corrupt: ..." into the one-line
-    message of the CorruptArtifact raised when a chunk fails to decode. ``readers`` threads
+    message of the CorruptArtifact raised when a chunk fails to decode, after
+    ``on_damage(name, why)`` recorded it (default: ``record_damage`` of the CacheGroup
+    whose ``_rebuild_hint`` the hint is, so that a re-run rebuilds it). ``readers`` threads
     (default: up to 4) read a window's chunk runs concurrently. Stopping early (break, an
     error, garbage collection of the iterator) stops and joins the reader threads.
     """

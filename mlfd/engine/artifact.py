@@ -12,9 +12,10 @@ fingerprint resumes from there.
 
 from __future__ import annotations
 
+import copy
 import json
-import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,10 @@ import torch
 
 from . import distributed
 from .checkpoint import load_meta_safe, save_checkpoint, verify_checkpoint
+from .diskio import write_atomic, write_text
 from .fingerprint import changes, digest
 from .metrics import MetricsLog
+from .progress import log
 from .staging import StagedDir, set_interrupt_note
 
 RESUME_FILE = "resume.pt"  # model, optimiser, scheduler, RNG, best row, history
@@ -79,7 +82,11 @@ class Artifact(StagedDir):
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator's state in types that ``torch.load(weights_only=True)`` reads back
+    (numpy's key array as a tensor, not an ndarray: no allowlist needed)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -87,11 +94,52 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # or an older file's array
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Resume files of earlier versions hold numpy's RNG keys as a uint32 ndarray: these
+# globals rebuild one (numpy's own reduce function for arrays, whatever its module is
+# called in this numpy), and nothing else; anything else a file names is refused.
+_NUMPY_ARRAY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
+
+
+def load_resume(path: Path) -> dict:
+    """A resume state, read without running code from the file: the workdir may come from
+    anywhere (design: trust boundaries). Raises on a damaged or foreign file."""
+    with torch.serialization.safe_globals(_NUMPY_ARRAY):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise TypeError(f"holds a {type(state).__name__}, not a resume state")
+    missing = [k for k in ("epoch", "model", "optimizer", "scheduler", "rng", "best",
+                           "history") if k not in state]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    best, history = state["best"], state["history"]
+    if not (best is None or isinstance(best, dict)) or not isinstance(history, list) \
+            or not all(isinstance(r, dict) for r in history):
+        raise ValueError("its best row and history are not metric rows")
+    return state
+
+
+def _why(e: Exception) -> str:
+    """A load error's gist in one short line, without torch's advice to load the file
+    unrestricted (which would run the code it names)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
+    text = " ".join((m.group(1) if m else text).split()).split(". ")[0]
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+def _plain(value):
+    """Metric rows as JSON types, which ``weights_only`` loads (no numpy scalars)."""
+    return json.loads(json.dumps(value, default=float))
 
 
 class TrainRun:
@@ -123,13 +171,8 @@ class TrainRun:
         done = distributed.on_main(
             lambda: 0 if self.restart else art.resumable_epoch(self.fingerprint))
         if done:
-            state = torch.load(art.staging / RESUME_FILE, map_location="cpu", weights_only=False)
-            done = int(state["epoch"])
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
-            best, history = state["best"], state["history"]
+            done, best, history = self._resume(model, opt, sched, done)
+        if done:
             if distributed.is_main():
                 self.metrics = MetricsLog(art.staging / "metrics.jsonl", fresh=False)
                 self.metrics.keep_epochs(done)  # rows after the last checkpoint are dropped
@@ -143,6 +186,40 @@ class TrainRun:
         distributed.barrier()  # every rank has read the state rank 0 overwrites at epoch end
         return done, best, history
 
+    def _resume(self, model, opt, sched, info_epoch: int) -> tuple[int, dict | None, list[dict]]:
+        """Load the staged resume state into model, optimiser, scheduler and RNGs. A file
+        that cannot be read or applied (damaged, crafted, foreign) is one warning, and the
+        run starts over from the state it had before: (0, None, [])."""
+        path = self.dir / RESUME_FILE
+        try:
+            state, problem = load_resume(path), None
+            done = int(state["epoch"])
+            # the state is written before its info: a kill between them leaves it one ahead
+            if done not in (info_epoch, info_epoch + 1):
+                raise ValueError(f"epoch {done}, {RESUME_INFO} says {info_epoch}")
+        except Exception as e:  # anything a damaged or hostile file makes torch raise
+            state, problem = None, e
+        # under torchrun all ranks resume or none does (each read the file itself)
+        if distributed.world() > 1 and not distributed.all_reduce([state is not None], "min")[0]:
+            state, problem = None, problem or RuntimeError("another rank could not read it")
+        if state is not None:
+            before = [copy.deepcopy(x.state_dict()) for x in (model, opt, sched)]
+            rng = _rng_state()
+            try:
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+                _set_rng_state(state["rng"])
+                return done, state["best"], state["history"]
+            except Exception as e:  # the same on every rank: one file, one model
+                for x, s in zip((model, opt, sched), before):  # as before the attempt
+                    x.load_state_dict(s)
+                _set_rng_state(rng)
+                problem = e
+        log(f"warning: {path} is damaged or not a resume state of mlfd ({_why(problem)}); "
+            f"{self.title or 'the run'} starts over")
+        return 0, None, []
+
     def end_epoch(self, epoch: int, epochs: int, row: dict, improved: bool, model, opt, sched,
                   best: dict, history: list[dict]) -> None:
         if not distributed.is_main():
@@ -153,22 +230,20 @@ class TrainRun:
         # decide where a resume starts), then the checkpoints (rewritten by the resume).
         self.metrics.keep_epochs(epoch - 1)  # idempotent when an epoch is re-saved
         self.metrics.write(**row)
-        tmp = self.dir / (RESUME_FILE + ".tmp")
-        torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": _rng_state(), "best": best,
-                    "history": history}, tmp)
-        os.replace(tmp, self.dir / RESUME_FILE)
-        info = self.dir / (RESUME_INFO + ".tmp")
-        info.write_text(json.dumps({"epoch": epoch,
-                                    "fingerprint_digest": self.meta["fingerprint_digest"]}))
-        os.replace(info, self.dir / RESUME_INFO)
+        state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": _rng_state(), "best": _plain(best),
+                 "history": _plain(history)}
+        write_atomic(self.dir / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+        write_text(self.dir / RESUME_INFO, json.dumps(
+            {"epoch": epoch, "fingerprint_digest": self.meta["fingerprint_digest"]}))
+        # from here on a re-run resumes after this epoch, whatever stops the rest
+        set_interrupt_note(f"{self.title}: {epoch}/{epochs} epochs kept in {self.dir}; run the "
+                           "same command again to resume (--restart to start over)")
         save_checkpoint(self.dir / "last", self.weights(), meta)
         for name, fn in self.extras.items():
             save_checkpoint(self.dir / name, fn(), dict(meta, kind=f"{meta.get('kind')}-{name}"))
         if improved:
             save_checkpoint(self.dir / "best", self.weights(), meta)
-        set_interrupt_note(f"{self.title}: {epoch}/{epochs} epochs kept in {self.dir}; run the "
-                           "same command again to resume (--restart to start over)")
 
     def finish(self) -> None:
         if distributed.is_main():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import CorruptArtifact, MlfdError
+from .diskio import write_atomic, write_text
 
 
 def file_sha256(path: Path) -> str:
@@ -21,20 +21,18 @@ def file_sha256(path: Path) -> str:
 
 
 def save_checkpoint(stem: Path, state_dict: dict, meta: dict) -> str:
-    """Write ``stem.safetensors`` and ``stem.json`` atomically; returns the weights' sha256."""
+    """Write ``stem.safetensors`` and ``stem.json`` atomically; returns the weights' sha256.
+    A full disk is a FilesystemError naming the file, with no temporary file left."""
     from safetensors.torch import save_file
 
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights = stem.with_suffix(".safetensors")
-    tmp = weights.with_suffix(".safetensors.tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, weights)  # an interrupted write never leaves a half checkpoint
+    # an interrupted write never leaves a half checkpoint
+    write_atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     sha = file_sha256(weights)
-    meta = dict(meta, sha256=sha)
-    side = stem.with_suffix(".json")
-    side.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(side.with_suffix(".json.tmp"), side)
+    write_text(stem.with_suffix(".json"), json.dumps(dict(meta, sha256=sha), indent=2,
+                                                      default=str))
     return sha
 
 

@@ -39,11 +39,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_precision(device: torch.device) -> str:
+    """Without a verdict of mlfd.fastpaths: fp32 on CPU; on CUDA bf16 where the GPU has it
+    natively, else fp16 (T4 and V100 emulate bf16 slowly)."""
+    if device.type != "cuda":
+        return "fp32"
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3
+        native = torch.cuda.is_bf16_supported()
+    return "bf16" if native else "fp16"
+
+
+def autocast(device: torch.device, precision: str | None = None):
+    """Autocast to ``precision`` (bf16 | fp16 | fp32; None: default_precision)."""
+    precision = precision or default_precision(device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in _AMP:
+        raise MlfdError(f"unknown precision {precision!r}: choose bf16, fp16 or fp32")
+    return torch.autocast(device.type, dtype=_AMP[precision])
+
+
+def grad_scaler(device: torch.device, precision: str | None):
+    """fp16 gradients underflow without loss scaling: a GradScaler for fp16, else None."""
+    if (precision or default_precision(device)) != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 @dataclass
@@ -65,6 +90,7 @@ def fit(
     evaluate: Callable[[], dict],
     run: TrainRun,
     select: str = "top1",
+    used: dict | None = None,
 ) -> FitResult:
     """Train ``model`` for cfg.epochs; ``step`` returns (loss, logged terms, items in batch).
 
@@ -80,7 +106,15 @@ def fit(
     each optimiser step, each rank's loss weighted by its share of the global micro-batch:
     the update is the one process's. Metrics are reduced over the ranks, BatchNorm
     statistics averaged before evaluating, and only rank 0 writes (TrainRun).
+
+    ``used`` says how the run runs (mlfd.fastpaths.used: device, pipeline, precision, loss
+    backend); its ``precision`` picks the autocast (fp16 adds a GradScaler) and all of it
+    is recorded in the checkpoints' metadata and in every metrics row.
     """
+    used = dict(used or {})
+    precision = used.setdefault("precision", default_precision(device))
+    run.meta.update(used)
+    scaler = grad_scaler(device, precision)
     accum = getattr(cfg, "grad_accum", 1)
     W = distributed.world()
     opt = build_optimizer(model.parameters(), cfg)
@@ -117,7 +151,7 @@ def fit(
                 if batch is None and W == 1:
                     break
                 if batch is not None:
-                    with autocast(device):
+                    with autocast(device, precision):
                         loss, terms, n = step(batch)
                 else:  # this rank's share of the epoch's last global batch is empty
                     loss, terms, n = None, {}, 0
@@ -130,10 +164,15 @@ def fit(
                 else:
                     scaled = loss
                 if scaled is not None:
-                    (scaled / accum if accum > 1 else scaled).backward()
+                    scaled = scaled / accum if accum > 1 else scaled
+                    (scaler.scale(scaled) if scaler else scaled).backward()
                 if (i + 1) % accum == 0 or i == steps_per_epoch - 1:
                     distributed.sum_gradients(model)
-                    opt.step()
+                    if scaler:  # skips the step when the summed gradients overflowed
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                 if loss is None:
@@ -159,8 +198,9 @@ def fit(
                    **{f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()}}
             distributed.sync_buffers(model)  # every rank evaluates and saves the same model
             model.eval()
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, precision):
                 row.update(evaluate())
+            row.update(used)
             history.append(row)
             last = row
             improved = best is None or row.get(select, -math.inf) > best.get(select, -math.inf)

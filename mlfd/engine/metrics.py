@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from .diskio import write_text, writing
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
@@ -106,19 +107,20 @@ class MetricsLog:
     def keep_epochs(self, epochs: int) -> None:
         """Drop rows of epochs after ``epochs`` (written after the last resumable checkpoint)."""
         rows = [r for r in read_jsonl(self.path) if r.get("epoch", 0) <= epochs]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
-        os.replace(tmp, self.path)
-        self._write_summary(rows)
+        self._write_rows(rows)
         self._purge_step = epochs + 1  # TensorBoard drops its events of the dropped epochs
 
     def write(self, **row) -> None:
         row = {"time": round(time.time(), 3), **row}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
-        self._write_summary(read_jsonl(self.path))
+        self._write_rows([*read_jsonl(self.path), row])
         if self.tensorboard:
-            self._mirror(row)
+            with writing(self.path.parent / TENSORBOARD_DIR):
+                self._mirror(row)
+
+    def _write_rows(self, rows: list[dict]) -> None:
+        # rewritten whole, not appended: a full disk leaves the old file, never a torn line
+        write_text(self.path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
+        self._write_summary(rows)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -131,9 +133,7 @@ class MetricsLog:
         w = csv.DictWriter(buf, cols, restval="", extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in cols} for r in rows)
-        tmp = self.summary.with_suffix(".csv.tmp")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, self.summary)
+        write_text(self.summary, buf.getvalue())
 
     def _mirror(self, row: dict) -> None:
         if self._writer is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 # What the process is writing, for the Ctrl-C message ("... kept in X; run again to resume").
@@ -24,6 +26,35 @@ def set_interrupt_note(note: str | None) -> None:
 
 def interrupt_note() -> str | None:
     return _NOTE.get("note")
+
+
+class Sigterm:
+    """SIGTERM (SLURM or Kubernetes preemption, `kill`) stops the run as Ctrl-C does: a
+    KeyboardInterrupt in the main thread, so the same cleanup runs and the same
+    `interrupted:` line is printed; ``terminated`` tells the two apart (exit 143, not 130).
+    ``restore()`` puts the previous handler back (tests run many commands in one process)."""
+
+    def __init__(self):
+        self.terminated = False
+        self._pid = os.getpid()
+        self._installed = threading.current_thread() is threading.main_thread()  # or none
+        if self._installed:
+            # None: a handler not set from Python, which leaves the default in place
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked worker inherited it: die as it would have
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.terminated = True
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._installed:
+            self._installed = False
+            signal.signal(signal.SIGTERM,
+                          signal.SIG_DFL if self._previous is None else self._previous)
 
 
 # Commands that hold no workdir lock (eval, --dry-run) must not finish another process's

@@ -121,10 +121,14 @@ def triton_available() -> bool:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``auto`` picks the fused kernel on CUDA when it imports, the reference elsewhere."""
+    """Validate a backend for ``device``; ``auto`` is the reference here.
+
+    Importing is no proof that the kernel runs on a given GPU: on CUDA, mlfd.fastpaths
+    upgrades ``auto`` to the fastest backend that passed its check (`mlfd info --check`).
+    """
     name = (name or "auto").lower()
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "torch"
     if name not in BACKENDS:
         raise MlfdError(f"unknown loss backend {name!r}: choose auto, {', '.join(BACKENDS)}")
     if name == "triton" and device.type != "cuda":

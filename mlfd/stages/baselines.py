@@ -23,6 +23,7 @@ from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..errors import MlfdError
+from ..fastpaths import used
 from ..models import create_backbone
 from ..models.backbone import apply_init
 from ..workspace import Workspace
@@ -170,7 +171,8 @@ def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None 
                    restart=opts.restart, title=f"{kind} {arch}")
     log(f"[teach] {kind} baseline: {arch} over {len(names)} datasets, {cfg.epochs} epochs")
     res = fit(title=f"{kind} {arch}", model=model, cfg=cfg, device=opts.device,
-              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, run=run)
+              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, run=run,
+              used=used(opts))
     return res.last
 
 

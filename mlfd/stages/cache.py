@@ -146,6 +146,7 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
     """Write every missing or stale teacher-embedding group; returns what was (re)written.
     Under torchrun every rank must call it: each renders and embeds its own rows."""
     from ..engine.loop import autocast
+    from ..fastpaths import precision
 
     dtype = ws.exp.cache.dtype
     # rank 0 inspects (and may recover) the groups; the others follow its list
@@ -181,7 +182,7 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
                                     batch, view_augment(ws, data_name, split))
                 seen = 0
                 for b in pipe:
-                    with autocast(opts.device):
+                    with autocast(opts.device, precision(opts)):
                         _, emb = t(b.images, levels)
                     feat = emb[levels - 1].float()
                     writer.append(e.name, feat.reshape(-1, V, *feat.shape[1:]),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from ..engine.checkpoint import load_into, load_meta
 from ..engine.distributed import rank, world
 from ..engine.metrics import Accuracy
 from ..errors import MlfdError
+from ..fastpaths import pipeline_backend, precision
 from ..models import build_level_backbone
 from ..workspace import Workspace
 
@@ -36,6 +37,8 @@ class RunOptions:
     # (None: half the free memory, shared by the run's processes on the machine; see
     # stages.distill.cache_budget)
     cache_memory: int | None = None
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (mlfd.fastpaths.precision)
+    fast: dict = field(default_factory=dict)  # fast-path choices made for this run (fastpaths)
 
 
 _DATASETS: dict[tuple, Dataset] = {}
@@ -80,7 +83,7 @@ def view_config(ws: Workspace, data_name: str) -> ViewConfig:
 def pipeline_for(ws: Workspace, opts: RunOptions, data_name: str, split: str, spec: InputSpec,
                  order: np.ndarray, batch_size: int, auto_augment: str | None = None):
     ds = dataset_of(ws, data_name)
-    return build_pipeline(ds.load(split), spec, order, batch_size, backend=opts.pipeline,
+    return build_pipeline(ds.load(split), spec, order, batch_size, backend=pipeline_backend(opts),
                           seed=ws.exp.seed, view_cfg=view_config(ws, data_name),
                           device=opts.device, auto_augment=auto_augment)
 
@@ -127,9 +130,10 @@ def evaluate_images(ws: Workspace, opts: RunOptions, data_name: str, spec: Input
     acc = Accuracy()
     order = eval_order(len(test), 1, rank(), world())
     for b in pipeline_for(ws, opts, data_name, "test", spec, order, batch_size):
-        with autocast(opts.device):
+        with autocast(opts.device, precision(opts)):
             acc.update(logits_fn(b.images).float(), b.labels)
-    return acc.reduce().result()
+    return {**acc.reduce().result(), "pipeline": pipeline_backend(opts),
+            "precision": precision(opts)}
 
 
 def rank_batch(cfg) -> int:

@@ -33,7 +33,8 @@ from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..errors import MlfdError
 from ..export import write_student_config
-from ..losses import KDLossConfig, kd_loss, resolve_backend
+from ..fastpaths import loss_backend, used
+from ..losses import KDLossConfig, kd_loss
 from ..models import Student, build_level_backbone, level_shapes
 from ..models.backbone import apply_init
 from ..workspace import Workspace
@@ -220,7 +221,7 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
     t_shapes = [targets[f"L{k + 1}"].shape[2:] for k in range(levels)]
     student = Student(backbone, s_shapes, t_shapes).to(opts.device)
     apply_init(student, cfg.init)
-    backend = resolve_backend(opts.loss_backend or cfg.loss_backend, opts.device)
+    backend = loss_backend(opts, opts.loss_backend or cfg.loss_backend)  # checked on CUDA
     kd_cfg = loss_config(ws, levels, name)
     if not streaming:
         # Targets stay resident (fp16) on the training device; rows are gathered per batch.
@@ -289,7 +290,7 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
         res = fit(title=f"distill {name} L{levels}", model=student, cfg=cfg,
                   device=opts.device, steps_per_epoch=steps, batches=batches, step=step,
                   evaluate=lambda: evaluate_images(ws, opts, name, spec, student.backbone.model),
-                  run=run)
+                  run=run, used=used(opts, loss_backend=backend))
     finally:
         if stream is not None:
             stream.close()  # the reader thread reading ahead into the next epoch

@@ -18,6 +18,7 @@ from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.metrics import Accuracy
 from ..engine.progress import log
+from ..fastpaths import used
 from ..models import level_shapes
 from ..models.backbone import apply_init
 from ..workspace import Workspace
@@ -116,5 +117,6 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
                    restart=opts.restart, title=f"fuse L{levels}")
     log(f"[fuse] joint teacher L{levels} over {len(names)} teachers, {total} samples x {V} views")
     res = fit(title=f"fuse L{levels}", model=joint, cfg=cfg, device=opts.device,
-              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, run=run)
+              steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, run=run,
+              used=used(opts, pipeline=False))  # trains on cached embeddings: no pipeline
     return res.last

@@ -24,9 +24,10 @@ from .cache import (
     target_group,
     teacher_group,
 )
-from .common import RunOptions
+from .common import RunOptions, dataset_of
 from .distill import cache_budget, distill, student_fingerprint
 from .fuse import fuse, joint_fingerprint, joint_status
+from .scan import has_files, recorded, scan
 from .teach import teach, teacher_fingerprint
 
 
@@ -44,6 +45,25 @@ class Step:
 class Plan:
     steps: list[Step] = field(default_factory=list)  # to run, in order
     reused: list[Step] = field(default_factory=list)  # up to date: kept as they are
+    # The image scans that come before anything else (see stages.scan): a run scans before
+    # it plans, so a plan only reports them.
+    scans: list[Step] = field(default_factory=list)
+
+
+def plan_scan(ws: Workspace, names: list[str]) -> list[Step]:
+    """What the scan found (from the workdir's record) or will decode, for each dataset of
+    image files among ``names``; a recorded skip is applied to the dataset first, as a run
+    applies it, so the fingerprints planned from it are the run's. Reads, decodes nothing."""
+    steps = []
+    for n in dict.fromkeys(names):
+        ds = dataset_of(ws, n)
+        if not has_files(ds):
+            continue
+        reason = recorded(ws, n) or (
+            f"not scanned yet: {sum(len(ds.load_all(s)) for s in ds.splits())} images "
+            "to decode before anything runs")
+        steps.append(Step("scan", n, reason))
+    return steps
 
 
 def _resume_note(art: Artifact, fingerprint: dict, restart: bool) -> str:
@@ -67,7 +87,7 @@ def _trained(plan: Plan, verb: str, target: str, art: Artifact, fingerprint: dic
 def plan_teach(ws: Workspace, names: list[str], force: bool = False,
                restart: bool = False) -> Plan:
     """The teachers `mlfd teach` trains: missing, incomplete, corrupt or stale ones."""
-    plan = Plan()
+    plan = Plan(scans=plan_scan(ws, names))
     for n in names:
         _trained(plan, "teach", n, Artifact(ws.teacher_dir(n)), teacher_fingerprint(ws, n),
                  force, restart)
@@ -78,14 +98,14 @@ def plan_baseline(ws: Workspace, kind: str, arch: str | None, size: int | None,
                   force: bool = False, restart: bool = False) -> Plan:
     """`mlfd teach --baseline`: trained unless an up-to-date one exists (or --force)."""
     arch, size = arch or ws.exp.datasets[0].arch, size or ws.exp.datasets[0].input_size
+    plan = Plan(scans=plan_scan(ws, ws.exp.names()))
     art, fp = Artifact(baseline_dir(ws, kind, arch)), baseline_fingerprint(ws, kind, arch, size)
-    plan = Plan()
     _trained(plan, "teach", f"{kind} baseline {arch}", art, fp, force, restart)
     return plan
 
 
 def plan_fuse(ws: Workspace, levels: int, force: bool = False, restart: bool = False) -> Plan:
-    plan = Plan()
+    plan = Plan(scans=plan_scan(ws, ws.exp.names()))
     _trained(plan, "fuse", f"joint teacher L{levels}", Artifact(ws.joint_dir(levels)),
              joint_fingerprint(ws, levels), force, restart)
     return plan
@@ -94,12 +114,13 @@ def plan_fuse(ws: Workspace, levels: int, force: bool = False, restart: bool = F
 def plan_cache(ws: Workspace, levels: int, force: bool = False) -> Plan:
     """The groups `mlfd cache` (re)writes: every teacher-embedding group, then the joint
     targets if the joint teacher is up to date."""
+    scans = plan_scan(ws, ws.exp.names())
     groups = [(f"teachers L{levels} {n}/{s}", teacher_group(ws, levels, n, s))
               for n in ws.exp.names() for s in SPLITS]
     if joint_status(ws, levels).ok:
         groups += [(f"targets L{levels} {n}", target_group(ws, levels, n))
                    for n in ws.exp.names()]
-    plan = Plan()
+    plan = Plan(scans=scans)
     for target, g in groups:
         why = g.reason()  # 'ok' exactly when the group is complete, current and intact
         if why == "ok" and not force:
@@ -114,7 +135,7 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
     """Steps in order; a redone stage makes everything downstream of it stale too.
     ``budget``: the run's target-cache memory (distill.cache_budget), which decides how a
     student is fed its targets, hence its fingerprint."""
-    plan = Plan()
+    plan = Plan(scans=plan_scan(ws, ws.exp.names()))
 
     def add(verb, target, reason, redo):
         (plan.steps if redo else plan.reused).append(Step(verb, target, reason))
@@ -157,15 +178,22 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
 def announce(ws: Workspace, plan: Plan, write=log) -> None:
     write(f"[plan] workspace {ws.root} — {len(plan.steps)} step(s) to run, "
           f"{len(plan.reused)} up to date:")
+    for s in plan.scans:
+        write(f"  -  {s.verb:<8} {s.target:<28} ({s.reason})")
     for s in plan.reused:
         write(f"  =  {s.verb:<8} {s.target:<28} (up to date)")
     for i, s in enumerate(plan.steps, 1):
         write(f"  {i}. {s}")
+    for e in ws.exp.datasets:  # set only where a dry run left the data to a real run
+        if note := dataset_of(ws, e.name).pending:
+            write(f"[plan] data: {note}")
 
 
-def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int) -> list[Step]:
-    """The one-liner: announce the plan, run each step, return what ran."""
+def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int,
+                skip_bad_images: bool = False) -> list[Step]:
+    """The one-liner: scan the images, announce the plan, run each step, return what ran."""
     check_levels(ws, levels)
+    scan(ws, ws.exp.names(), skip_bad_images)  # before planning: skipped rows change fingerprints
     # one budget for the plan and every student: free memory is read once (by rank 0
     # under torchrun: it decides the students' fingerprints, which all ranks must share)
     opts = dataclasses.replace(opts, cache_memory=on_main(cache_budget, opts))

@@ -17,6 +17,7 @@ from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..errors import MlfdError
+from ..fastpaths import used
 from ..models import build_level_backbone
 from ..models.backbone import apply_init
 from ..workspace import Workspace
@@ -156,5 +157,6 @@ def teach(ws: Workspace, opts: RunOptions, name: str) -> dict:
         f"{entry.input_size}px, device {opts.device}")
     res = fit(title=f"teach {name}", model=model, cfg=cfg, device=opts.device,
               steps_per_epoch=steps, batches=batches, step=step,
-              evaluate=lambda: evaluate_images(ws, opts, name, spec, model.model), run=run)
+              evaluate=lambda: evaluate_images(ws, opts, name, spec, model.model), run=run,
+              used=used(opts))
     return res.last
