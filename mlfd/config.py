@@ -222,7 +222,7 @@ class Experiment:
                 _check_train(f"datasets[{d.name}].{section}", self.stage(section, d.name))
         if self.cache.dtype not in CACHE_DTYPES:
             raise MlfdError(f"cache.dtype {self.cache.dtype!r}: choose {', '.join(CACHE_DTYPES)}")
-        from .cache.store import check_codec, check_uri
+        from .storage.uri import check_uri
 
         check_codec(self.cache.codec, self.cache.clevel)
         if self.cache.uri is not None and (why := check_uri(str(self.cache.uri))):
@@ -235,7 +235,7 @@ class Experiment:
         root = Path(root).expanduser().resolve()
         places = [(f"workdir {root}", root)]
         if self.cache.uri:
-            from .cache.store import cache_root
+            from .storage.uri import cache_root
 
             where = cache_root(str(self.cache.uri), root)
             if isinstance(where, Path):  # a local path or file:// URL
@@ -296,6 +296,7 @@ class Experiment:
 
 
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
+CODECS = ("zstd", "lz4", "none")  # cache.codec: Blosc's compressor, or none
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "onecycle", "onecycle-constant", "cosine")
 INITS = ("default", "xavier", "xavier-normal")
@@ -469,9 +470,8 @@ def check_model_kwargs(entry: DatasetEntry, index: int) -> None:
         return
     import inspect
 
+    import timm  # after the package's torchvision shim (mlfd/__init__.py)
     import torch
-
-    from .models.backbone import timm
 
     drops = {"drop_path_rate": entry.drop_path_rate} if entry.drop_path_rate else {}
 
@@ -520,3 +520,10 @@ def short_name(source: str) -> str:
     stem = re.sub(r"\.npz$", "", stem)
     # no leading '.': the name is a directory, and must not be hidden or '..'
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).lstrip(".-").rstrip("-") or "dataset"
+
+
+def check_codec(codec: str, clevel) -> None:
+    if codec not in CODECS:
+        raise MlfdError(f"cache.codec {codec!r}: choose {', '.join(CODECS)}")
+    if isinstance(clevel, bool) or not isinstance(clevel, int) or not 0 <= clevel <= 9:
+        raise MlfdError(f"cache.clevel must be an integer from 0 to 9, got {clevel!r}")

@@ -124,18 +124,18 @@ class Workspace:
     def cache_root(self) -> Path | str:
         """Where cache stores live: <workdir>/cache, or cache.uri (a local path, relative
         to the workdir if relative, or an fsspec URL string)."""
-        from .cache.store import cache_root
+        from .storage.uri import cache_root
 
         return cache_root(self.exp.cache.uri, self.root) if self.exp.cache.uri \
             else self.root / "cache"
 
     def teacher_cache(self, levels: int) -> Path | str:
-        from .cache.store import join
+        from .storage.uri import join
 
         return join(self.cache_root(), f"teachers-L{levels}.zarr")
 
     def target_cache(self, levels: int) -> Path | str:
-        from .cache.store import join
+        from .storage.uri import join
 
         return join(self.cache_root(), f"targets-L{levels}.zarr")
 

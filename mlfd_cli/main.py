@@ -248,7 +248,7 @@ def _set_cache_uri(ws, uri: str | None) -> None:
     """Apply --cache-uri (checked here; a run that writes saves it in experiment.yaml)."""
     if uri is None:
         return
-    from mlfd.cache.store import check_uri
+    from mlfd.storage.uri import check_uri
 
     if why := check_uri(uri):
         raise MlfdError(f"--cache-uri {uri}: {why}")
@@ -332,7 +332,7 @@ LOGS = ("tensorboard",)
 
 def _opts(device, pipeline="auto", loss_backend=None, force=False, restart=False, log=None):
     """Per-run options, validated before anything is read or written."""
-    from mlfd.device import select_device
+    from mlfd.engine.device import select_device
     from mlfd.engine.metrics import set_tensorboard
     from mlfd.stages import RunOptions
 
@@ -595,8 +595,8 @@ def _dry_run(ws, opts, levels, as_json: bool, planner, *args) -> None:
     """Check the run as a real one would, then print its plan: no lock, nothing written."""
     from mlfd.data.download import no_fetch
     from mlfd.engine.distributed import is_main
-    from mlfd.engine.staging import set_read_only
     from mlfd.stages.plan import announce
+    from mlfd.storage.staging import set_read_only
 
     set_read_only()  # no lock is held: leave any other run's files as they are
     if not is_main():  # under torchrun rank 0 prints the plan
@@ -867,8 +867,8 @@ def eval_(workdir: Workdir = None, device: Device = "auto", data_root: DataRoot 
 
     Example: mlfd eval --workdir mlfd-runs/demo --json
     """
-    from mlfd.engine.staging import set_read_only
     from mlfd.stages.scan import scan
+    from mlfd.storage.staging import set_read_only
 
     opts = _opts(device, pipeline)
     _images(max_image_pixels, drop_empty_classes)
@@ -951,8 +951,8 @@ def export(out: Annotated[Path, typer.Argument(
     Example: mlfd export --workdir mlfd-runs/demo --dataset mnist-mini out/mnist
     """
     from mlfd.engine.progress import log
-    from mlfd.engine.staging import set_read_only
-    from mlfd.export import export_student
+    from mlfd.stages.export import export_student
+    from mlfd.storage.staging import set_read_only
 
     if not dataset or len(dataset) != 1 or dataset[0] == "all":
         raise MlfdError("export takes exactly one --dataset NAME")
@@ -1039,7 +1039,7 @@ def list_(root: Annotated[Path, typer.Option(
 
     Example: mlfd list --root mlfd-runs --json
     """
-    from mlfd.engine.staging import set_read_only
+    from mlfd.storage.staging import set_read_only
     from mlfd.workspace import Workspace, find_experiments
 
     set_read_only()  # no lock is taken: leave any running stage's files as they are
@@ -1250,7 +1250,7 @@ def clean(workdir: Workdir = None,
 
     Example: mlfd clean --workdir mlfd-runs/demo --caches
     """
-    from mlfd.engine.staging import set_read_only
+    from mlfd.storage.staging import set_read_only
     from mlfd.workspace import EXPERIMENT_FILE, Workspace
 
     if not (caches or everything):
@@ -1351,7 +1351,7 @@ def main() -> None:
     Under torchrun (or --nproc) every process runs this; see mlfd.engine.distributed."""
     from mlfd.engine import distributed
     from mlfd.engine.metrics import set_tensorboard
-    from mlfd.engine.staging import Sigterm, set_read_only
+    from mlfd.storage.staging import Sigterm, set_read_only
 
     usage_errors, no_args, aborts = _click_exceptions()
     sigterm = Sigterm()  # preemption stops a run as Ctrl-C does; restored below
@@ -1383,7 +1383,7 @@ def main() -> None:
         _say(f"error: {e}", e.exit_code)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, *aborts):
-        from mlfd.engine.staging import interrupt_note
+        from mlfd.storage.staging import interrupt_note
 
         note = interrupt_note()
         code = 143 if sigterm.terminated else 130
@@ -1439,7 +1439,7 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple]:
 
 def _os_error(e: OSError) -> str:
     """The filesystem's refusal in one line, naming the path."""
-    from mlfd.engine.diskio import describe
+    from mlfd.storage.diskio import describe
 
     return describe(e)
 

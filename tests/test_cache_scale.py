@@ -13,8 +13,8 @@ from helpers import LOCAL, bad, edit_experiment, run
 
 from mlfd.cache import CacheGroup, store, to_tensor
 from mlfd.config import Experiment
-from mlfd.engine.staging import set_read_only
 from mlfd.errors import CorruptArtifact, MlfdError, StaleCacheError
+from mlfd.storage.staging import set_read_only
 
 
 @pytest.fixture
@@ -466,7 +466,8 @@ def test_bfloat16_caches_end_to_end(ws, capsys):
     cached values are torch's bfloat16 rounding of the float32 embeddings."""
     import zarr
 
-    from mlfd.stages.cache import target_group, teacher_group
+    from mlfd.stages.cache import teacher_group
+    from mlfd.stages.targets import target_group
     from mlfd.workspace import Workspace
 
     edit_experiment(ws, "cache", dtype="float32")

@@ -16,9 +16,9 @@ from helpers import LOCAL, bad, edit_experiment, run
 
 from mlfd.cache import CacheGroup, store
 from mlfd.cache.stream import TargetStream
-from mlfd.engine.staging import set_read_only
 from mlfd.errors import CorruptArtifact
-from mlfd.stages.cache import target_group
+from mlfd.stages.targets import target_group
+from mlfd.storage.staging import set_read_only
 from mlfd.workspace import Workspace
 
 

@@ -13,8 +13,8 @@ import torch
 from helpers import run
 from packaging.requirements import Requirement
 
-import mlfd.fastchecks as fastchecks
 import mlfd.fastpaths as fastpaths
+import mlfd.fastpaths.checks as fastchecks
 from mlfd.engine.metrics import read_jsonl
 from mlfd.losses.kd import kd_loss_reference, resolve_backend
 from mlfd.stages.common import RunOptions

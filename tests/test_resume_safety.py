@@ -24,9 +24,9 @@ from helpers import LOCAL, edit_experiment, run
 from safetensors.torch import load_file
 
 from mlfd.engine.artifact import TrainRun
-from mlfd.engine.fingerprint import digest
 from mlfd.stages.plan import plan_distill
 from mlfd.stages.teach import teacher_fingerprint
+from mlfd.storage.fingerprint import digest
 from mlfd.workspace import Workspace
 
 STAGED = "teachers/.alpha.partial"

@@ -525,9 +525,10 @@ def test_sizes_parse_and_print():
 def test_streamed_batches_pair_images_with_their_targets(ws):
     """The pipeline and the stream slice one order alike: every batch's (index, view)
     rows of the loaded cache are the targets streamed beside it."""
-    from mlfd.stages.cache import target_group, view_augment
+    from mlfd.stages.cache import view_augment
     from mlfd.stages.common import RunOptions, input_spec, pipeline_for
     from mlfd.stages.distill import _with_targets
+    from mlfd.stages.targets import target_group
     from mlfd.workspace import Workspace
 
     w = Workspace.open(ws)

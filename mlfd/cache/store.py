@@ -75,10 +75,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..engine.diskio import writing
-from ..engine.fingerprint import changes, digest
-from ..engine.staging import StagedDir, set_interrupt_note
+from ..config import check_codec
 from ..errors import CorruptArtifact, MlfdError, StaleCacheError
+from ..storage.diskio import writing
+from ..storage.fingerprint import changes, digest
+from ..storage.staging import StagedDir, set_interrupt_note
+from ..storage.uri import url_to_fs
 
 if TYPE_CHECKING:
     import torch
@@ -93,8 +95,6 @@ DAMAGED = "damaged.json"  # arrays that failed to decode when read: rebuild the 
 BOOKKEEPING = (MANIFEST, PROGRESS, VERIFIED, DAMAGED)  # beside the arrays, not in the manifest
 # A sharded extraction's ranks each keep their cursors in their own file (no shared writes)
 RANK_PROGRESS = re.compile(r"progress\.rank\d+\.json")
-CODECS = ("zstd", "lz4", "none")
-DTYPES = ("float16", "bfloat16", "float32")  # what cache.dtype may be
 STORED_AS = {"bfloat16": "uint16"}  # logical dtype -> dtype of the zarr array
 # A file whose mtime is this recent when it is checked may change again within the same
 # clock tick without its mtime moving: it is re-read next time rather than trusted.
@@ -118,13 +118,6 @@ def _codecs(codec: str, clevel: int) -> list:
     # With shards= these are the inner chunks' codecs (each shard index has its own crc32c).
     packed = [] if codec == "none" else [BloscCodec(cname=codec, clevel=clevel, shuffle="shuffle")]
     return [*packed, Crc32cCodec()]
-
-
-def check_codec(codec: str, clevel) -> None:
-    if codec not in CODECS:
-        raise MlfdError(f"cache.codec {codec!r}: choose {', '.join(CODECS)}")
-    if isinstance(clevel, bool) or not isinstance(clevel, int) or not 0 <= clevel <= 9:
-        raise MlfdError(f"cache.clevel must be an integer from 0 to 9, got {clevel!r}")
 
 
 def to_tensor(values: np.ndarray, logical_dtype: str) -> torch.Tensor:
@@ -166,48 +159,11 @@ def _to_stored(values, logical: str, stored: np.dtype) -> np.ndarray:
 # --------------------------------------------------------------------------- locations
 
 
-def check_uri(uri: str) -> str | None:
-    """Why fsspec cannot open ``uri`` (None: it can, or it is a plain local path)."""
-    if "://" not in uri:
-        return None
-    import fsspec
-    from fsspec.registry import known_implementations
-
-    for protocol in uri.split("://", 1)[0].split("::"):  # chained: simplecache::s3://...
-        try:
-            fsspec.get_filesystem_class(protocol)
-        except ImportError:
-            package = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
-            return (f"fsspec has no filesystem for {protocol!r}"
-                    + (f" (pip install {package})" if package else ""))
-        except ValueError:
-            return f"fsspec has no filesystem for {protocol!r}"
-    return None
-
-
-def cache_root(uri: str | None, base: Path) -> Path | str:
-    """Where cache stores live: ``base`` without a URI; a local path for a plain path (taken
-    relative to ``base``) or a ``file://`` URL; the URL itself otherwise."""
-    if not uri:
-        return Path(base)
-    if "://" not in uri:
-        return Path(base) / Path(uri).expanduser()
-    fs, path = _url_to_fs(uri)
-    return Path(path) if fs is None else uri.rstrip("/")
-
-
-def join(location: Path | str, *parts: str) -> Path | str:
-    """``location / part / ...`` for a local path or a URL."""
-    if isinstance(location, str):
-        return "/".join([location.rstrip("/"), *parts])
-    return Path(location).joinpath(*parts)
-
-
 def stores_under(location: Path | str) -> list[tuple[str, _LocalDir | _RemoteDir]]:
     """(path or URL, handle with ``nbytes()``, ``remove()``) of every directory named like
     a cache store directly under ``location`` (``*.zarr``, ``.*.zarr.partial``), for
     `mlfd clean`: whose are they is for ``foreign`` to say."""
-    fs, path = (None, location) if not isinstance(location, str) else _url_to_fs(location)
+    fs, path = (None, location) if not isinstance(location, str) else url_to_fs(location)
     if fs is None:
         base = Path(path)
         found = sorted({p for pattern in ("*.zarr", ".*.zarr.partial")
@@ -219,17 +175,6 @@ def stores_under(location: Path | str) -> list[tuple[str, _LocalDir | _RemoteDir
             if fs.isdir(p):
                 out.append((f"{location.rstrip('/')}/{p.rsplit('/', 1)[-1]}", _RemoteDir(fs, p)))
     return out
-
-
-def _url_to_fs(url: str):
-    """(fsspec filesystem, path on it), or (None, path) for the local disk."""
-    if why := check_uri(url):
-        raise MlfdError(f"cache location {url}: {why}")
-    from fsspec.core import url_to_fs
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, path = url_to_fs(url)
-    return (None, path) if isinstance(fs, LocalFileSystem) else (fs, path)
 
 
 @dataclass
@@ -411,7 +356,7 @@ def _time_ns(t) -> int | None:
 
 
 def _read_only() -> bool:
-    from ..engine import staging
+    from ..storage import staging
 
     return staging._READ_ONLY["on"]
 
@@ -499,9 +444,7 @@ def _may_record() -> bool:
     """Whether this process may write a group's bookkeeping after a failed read: not a
     command that holds no workdir lock (eval, --dry-run); a torchrun rank other than 0
     may, under rank 0's lock (its only reason to be read-only is promotion, done by then)."""
-    from ..engine.distributed import world
-
-    return not _read_only() or world() > 1
+    return not _read_only() or int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
 
 
 def _damaged(d) -> dict[str, str]:
@@ -652,7 +595,7 @@ class CacheGroup:
         check_codec(self.codec, self.clevel)
         self._url = None
         if self.fs is None and isinstance(self.path, str) and "://" in self.path:
-            self.fs, path = _url_to_fs(self.path)
+            self.fs, path = url_to_fs(self.path)
             if self.fs is not None:
                 self._url = self.path.rstrip("/")  # messages name it as it was given
             self.path = Path(path) if self.fs is None else PurePosixPath(path)

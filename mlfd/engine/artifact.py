@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..storage.diskio import write_atomic, write_text
+from ..storage.fingerprint import changes, digest
+from ..storage.staging import StagedDir, set_interrupt_note
 from . import distributed
 from .checkpoint import load_meta_safe, save_checkpoint, verify_checkpoint
-from .diskio import write_atomic, write_text
-from .fingerprint import changes, digest
 from .metrics import MetricsLog
 from .progress import log
-from .staging import StagedDir, set_interrupt_note
 
 RESUME_FILE = "resume.pt"  # model, optimiser, scheduler, RNG, best row, history
 RESUME_INFO = "resume.json"  # its epoch and fingerprint: cheap to read for plans

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptArtifact, MlfdError
-from .diskio import write_atomic, write_text
+from ..storage.diskio import write_atomic, write_text
 
 
 def file_sha256(path: Path) -> str:

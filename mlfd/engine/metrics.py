@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .diskio import write_text, writing
+from ..storage.diskio import write_text, writing
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:

@@ -19,13 +19,13 @@ from ..data.pipeline import InputSpec
 from ..data.sampling import train_order
 from ..engine.artifact import TrainRun
 from ..engine.distributed import rank, world
-from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..errors import MlfdError
 from ..fastpaths import used
 from ..models import create_backbone
 from ..models.backbone import apply_init
+from ..storage.fingerprint import flatten
 from ..workspace import Workspace
 from .common import (
     RunOptions,

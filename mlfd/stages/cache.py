@@ -1,10 +1,9 @@
-"""Stage `cache`: teacher embeddings at the fusion level, then joint-teacher targets.
+"""Stage `cache`, part 1: teacher embeddings at the fusion level.
 
-Part 1 runs every frozen teacher once over the images of *all* datasets (V views of
-each training image, the clean view of each test image) and stores its L_K
-embedding. Part 2 (once a joint teacher exists) runs the joint teacher over that
-cache and stores, per training image and view, its logits for the image's own
-dataset and its embeddings L1..LK: the student's distillation targets.
+Every frozen teacher runs once over the images of *all* datasets (V views of each
+training image, the clean view of each test image) and its L_K embedding is stored, so
+training the joint teacher never runs a backbone. Part 2, the joint teacher's targets,
+is mlfd.stages.targets; the stores' layout is mlfd.cache.
 
 Under torchrun every rank extracts: rank 0 decides what is missing and lays each group
 out, each rank computes and writes its own shard-aligned range of every array (no two
@@ -18,13 +17,13 @@ import numpy as np
 import torch
 
 from ..cache import CacheGroup, digest
-from ..cache.store import CacheWriter, join
+from ..cache.store import CacheWriter
 from ..data.sampling import eval_order
-from ..engine.checkpoint import load_meta, load_meta_safe
+from ..engine.checkpoint import load_meta_safe
 from ..engine.distributed import barrier, gather_object, is_main, on_main, rank, world
 from ..engine.progress import log, progress
-from ..errors import MlfdError
-from ..models import JointTeacher, level_shapes
+from ..models import level_shapes
+from ..storage.uri import join
 from ..workspace import Workspace
 from .common import RunOptions, dataset_of, input_spec, load_teacher, pipeline_for
 
@@ -54,13 +53,13 @@ def embedding_fingerprint(ws: Workspace, levels: int, data_name: str, split: str
         "dataset_fingerprint": dataset_of(ws, data_name).fingerprint(), "split": split,
         "views": _views(ws, split), "view_seed": ws.exp.seed,
         "view_config": {"hflip": ws.exp.entry(data_name).hflip},
-        **_storage(ws), "teachers": digest(teachers),
+        **storage_values(ws), "teachers": digest(teachers),
         # only when set: caches made without AutoAugment keep their fingerprint
         **({"auto_augment": p} if (p := view_augment(ws, data_name, split)) else {}),
     }
 
 
-def _storage(ws: Workspace) -> dict:
+def storage_values(ws: Workspace) -> dict:
     """How values are stored: in the fingerprints, so a change rebuilds the caches. Where
     they are stored (cache.uri) is not: a moved cache is the same cache."""
     c = ws.exp.cache
@@ -77,26 +76,13 @@ def content_digest(fingerprint: dict) -> str:
     return digest({k: v for k, v in fingerprint.items() if k not in _LOSSLESS})
 
 
-def _group(ws: Workspace, location, fingerprint: dict) -> CacheGroup:
+def cache_group(ws: Workspace, location, fingerprint: dict) -> CacheGroup:
     return CacheGroup(location, fingerprint, codec=ws.exp.cache.codec, clevel=ws.exp.cache.clevel)
 
 
 def teacher_group(ws: Workspace, levels: int, data_name: str, split: str) -> CacheGroup:
-    return _group(ws, join(ws.teacher_cache(levels), data_name, split),
+    return cache_group(ws, join(ws.teacher_cache(levels), data_name, split),
                   embedding_fingerprint(ws, levels, data_name, split))
-
-
-def target_fingerprint(ws: Workspace, levels: int, data_name: str) -> dict:
-    stem = ws.joint_dir(levels) / "last"
-    sha = (load_meta_safe(stem) or {}).get("sha256")
-    return {"kind": "joint-targets", "level": levels, "dataset": data_name, "split": "train",
-            "joint_sha256": sha, "teacher_cache": content_digest(embedding_fingerprint(
-                ws, levels, data_name, "train")), **_storage(ws)}
-
-
-def target_group(ws: Workspace, levels: int, data_name: str) -> CacheGroup:
-    return _group(ws, join(ws.target_cache(levels), data_name, "train"),
-                  target_fingerprint(ws, levels, data_name))
 
 
 def check_levels(ws: Workspace, levels: int) -> list[list[tuple[int, ...]]]:
@@ -111,7 +97,7 @@ def check_levels(ws: Workspace, levels: int) -> list[list[tuple[int, ...]]]:
     return shapes
 
 
-def _writer(group: CacheGroup, arrays: dict, restart: bool) -> CacheWriter:
+def writer_for(group: CacheGroup, arrays: dict, restart: bool) -> CacheWriter:
     """This process's writer of ``group``: of every row in one process; under torchrun of
     its rank's rows, once rank 0 has created (or resumed) the staging group and shared
     the rows out (``on_main`` returns on every rank only after rank 0's part is done)."""
@@ -121,7 +107,7 @@ def _writer(group: CacheGroup, arrays: dict, restart: bool) -> CacheWriter:
     return group.join(arrays, shares, rank())
 
 
-def _close(writer: CacheWriter) -> None:
+def close_writer(writer: CacheWriter) -> None:
     """Every rank's rows in: the group's manifest is written and the group promoted (by
     rank 0, from what every rank reports), before any rank goes on to read it."""
     if world() == 1:
@@ -165,7 +151,7 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
             arrays = {e.name: ((len(data), V, *shape), dtype)
                       for e, shape in zip(ws.exp.datasets, shapes)}
             arrays["labels"] = ((len(data),), "int64")
-            writer = _writer(group, arrays, opts.restart)
+            writer = writer_for(group, arrays, opts.restart)
             writer.append("labels", np.asarray(data.labels, dtype=np.int64), start=0)
             batch = max(V, bs // V * V)  # whole samples per batch: rows reshape to (b, V, ...)
             for t, e in zip(teachers, ws.exp.datasets):
@@ -189,7 +175,7 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
                                   start=start + seen // V)
                     seen += len(b)
                     prog.update(task, advance=1, items=seen)
-            _close(writer)
+            close_writer(writer)
             if is_main():  # the others must not read the group while rank 0 promotes it
                 log(f"[cache] teachers L{levels} {data_name}/{split}: {len(data)}x{V} views, "
                     f"{group.nbytes() / 2**20:.1f} MiB")
@@ -204,102 +190,3 @@ def load_teacher_inputs(ws: Workspace, levels: int, data_name: str, split: str,
     group = teacher_group(ws, levels, data_name, split)
     arrays = group.tensors(group.load(rows=rows))
     return [arrays[e.name] for e in ws.exp.datasets], arrays["labels"].numpy()
-
-
-def load_joint(ws: Workspace, levels: int, device: torch.device) -> tuple[JointTeacher, dict]:
-    from ..engine.checkpoint import load_into
-
-    stem = ws.joint_dir(levels) / "last"
-    if not stem.with_suffix(".safetensors").exists():
-        raise MlfdError(f"no joint teacher for L{levels} ({stem}.safetensors): run `mlfd fuse`")
-    meta = load_meta(stem)
-    if not meta.get("complete"):
-        raise MlfdError(f"joint teacher {stem}.safetensors is incomplete: run `mlfd fuse`")
-    joint = build_joint(ws, meta["teacher_shapes"], levels)
-    load_into(joint, stem, f"joint teacher L{levels}")
-    return joint.to(device).eval().requires_grad_(False), meta
-
-
-def build_joint(ws: Workspace, teacher_shapes, levels: int) -> JointTeacher:
-    cfg = ws.exp.fuse
-    return JointTeacher([[tuple(s) for s in t] for t in teacher_shapes],
-                        [dataset_of(ws, e.name).num_classes for e in ws.exp.datasets], levels,
-                        cfg.width, cfg.embed_dim, cfg.dropout)
-
-
-def joint_forward_cached(joint: JointTeacher, feats: list[torch.Tensor], rows: np.ndarray,
-                         views: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-    r, v = torch.as_tensor(rows), torch.as_tensor(views)
-    return joint([f[r, v].to(device).float() for f in feats])
-
-
-def _spans(writer: CacheWriter, names) -> list[tuple[int, int]]:
-    """The rows still to compute for arrays ``names``: from each one's cursor to the end
-    of its range, merged into disjoint [start, stop) spans in order."""
-    spans: list[list[int]] = []
-    for start, stop in sorted((writer.cursor(k), writer.rows(k)[1]) for k in names):
-        if start >= stop:
-            continue
-        if spans and start <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], stop)
-        else:
-            spans.append([start, stop])
-    return [(a, b) for a, b in spans]
-
-
-def _labels(group: CacheGroup) -> np.ndarray:
-    return group.load(["labels"])["labels"]
-
-
-def _stale_target_groups(ws: Workspace, opts: RunOptions, levels: int,
-                         names: list[str]) -> list[str]:
-    todo = [n for n in names if opts.force or target_group(ws, levels, n).status() != "ok"]
-    for n in todo:
-        log(f"[cache] targets L{levels} {n}: {target_group(ws, levels, n).reason()}")
-    return todo
-
-
-@torch.no_grad()
-def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
-                  names: list[str] | None = None) -> list[str]:
-    """Joint-teacher logits and L1..LK for every (train image, view) of the given datasets.
-    Under torchrun every rank must call it: each computes its own rows."""
-    names = names or ws.exp.names()
-    todo = on_main(_stale_target_groups, ws, opts, levels, names)
-    if not todo:
-        return []
-    joint, _ = load_joint(ws, levels, opts.device)
-    dtype = ws.exp.cache.dtype
-    for name in todo:
-        d_idx = ws.exp.names().index(name)
-        group, inputs = target_group(ws, levels, name), teacher_group(ws, levels, name, "train")
-        # first, and by rank 0 alone: it checks the teacher cache (and records the check,
-        # which the other ranks' checks then find)
-        labels = on_main(_labels, inputs)
-        N, V = inputs.shapes()[ws.exp.datasets[0].name][:2]
-        arrays = {"logits": ((N, V, joint.num_classes[d_idx]), dtype), "labels": ((N,), "int64")}
-        for k, shape in enumerate(joint.embed_shapes):
-            arrays[f"L{k + 1}"] = ((N, V, *shape), dtype)
-        writer = _writer(group, arrays, opts.restart)
-        writer.append("labels", labels, start=0)
-        # Each batch gives every array its rows: the spans cover what each array still
-        # needs (in one process: from the least-written array's cursor on). Where arrays'
-        # shards hold different row counts, their ranges differ: a rank computes the union.
-        spans = _spans(writer, [k for k in arrays if k != "labels"])
-        lo, hi = (spans[0][0], spans[-1][1]) if spans else (0, 0)
-        feats, _ = load_teacher_inputs(ws, levels, name, "train", (lo, hi))  # only its rows
-        bs = max(1, 1024 // V)
-        for first, last in spans:
-            for start in range(first, last, bs):
-                rows = np.repeat(np.arange(start, min(last, start + bs)), V)
-                views = np.tile(np.arange(V), len(rows) // V)
-                emb = joint_forward_cached(joint, feats, rows - lo, views, opts.device)
-                logits = joint.logits(emb[0], d_idx)
-                writer.append("logits", logits.reshape(-1, V, logits.shape[1]), start=start)
-                for k, e in enumerate(emb):
-                    writer.append(f"L{k + 1}", e.reshape(-1, V, *e.shape[1:]), start=start)
-        _close(writer)
-        if is_main():
-            log(f"[cache] targets L{levels} {name}: {N}x{V} views, "
-                f"{group.nbytes() / 2**20:.1f} MiB")
-    return todo

@@ -26,19 +26,19 @@ from ..cache.store import DECODE_ERRORS
 from ..cache.stream import EpochStream, default_budget, format_size, gather_rows
 from ..data.sampling import chunk_order, train_order
 from ..engine.artifact import Artifact, Status, TrainRun
-from ..engine.checkpoint import load_meta_safe
+from ..engine.checkpoint import load_meta, load_meta_safe
 from ..engine.distributed import is_main, local_world, rank, world
-from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..errors import MlfdError
-from ..export import write_student_config
 from ..fastpaths import loss_backend, used
 from ..losses import KDLossConfig, kd_loss
 from ..models import Student, build_level_backbone, level_shapes
 from ..models.backbone import apply_init
+from ..models.timm_config import CONFIG_FILE, write_config
+from ..storage.fingerprint import flatten
 from ..workspace import Workspace
-from .cache import content_digest, target_group, view_augment
+from .cache import content_digest, view_augment
 from .common import (
     RunOptions,
     base_meta,
@@ -49,6 +49,7 @@ from .common import (
     pipeline_for,
     rank_batch,
 )
+from .targets import target_group
 
 
 def loss_config(ws: Workspace, levels: int, name: str | None = None) -> KDLossConfig:
@@ -295,5 +296,5 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
         if stream is not None:
             stream.close()  # the reader thread reading ahead into the next epoch
     if is_main():  # under torchrun rank 0 writes; run_distill's barrier follows
-        write_student_config(out, student.backbone.model)
+        write_config(out / CONFIG_FILE, load_meta(out / "last"), student.backbone.model)
     return res.last

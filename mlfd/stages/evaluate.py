@@ -18,10 +18,10 @@ from ..errors import MlfdError
 from ..models import create_backbone
 from ..workspace import Workspace
 from .baselines import baseline_rows
-from .cache import load_joint, load_teacher_inputs, teacher_group
+from .cache import load_teacher_inputs, teacher_group
 from .common import RunOptions, eval_split, evaluate_images, input_spec, load_teacher
 from .distill import student_status
-from .fuse import joint_status
+from .fuse import joint_status, load_joint
 from .teach import teacher_status
 
 

@@ -13,22 +13,18 @@ import torch.nn.functional as F
 
 from ..data.sampling import shard_indices, train_order
 from ..engine.artifact import Artifact, Status, TrainRun
+from ..engine.checkpoint import load_into, load_meta
 from ..engine.distributed import rank, world
-from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.metrics import Accuracy
 from ..engine.progress import log
+from ..errors import MlfdError
 from ..fastpaths import used
-from ..models import level_shapes
+from ..models import JointTeacher, level_shapes
 from ..models.backbone import apply_init
+from ..storage.fingerprint import flatten
 from ..workspace import Workspace
-from .cache import (
-    build_joint,
-    content_digest,
-    embedding_fingerprint,
-    joint_forward_cached,
-    load_teacher_inputs,
-)
+from .cache import content_digest, embedding_fingerprint, load_teacher_inputs
 from .common import RunOptions, base_meta, dataset_of, load_teacher
 
 
@@ -120,3 +116,28 @@ def fuse(ws: Workspace, opts: RunOptions, levels: int) -> dict:
               steps_per_epoch=steps, batches=batches, step=step, evaluate=evaluate, run=run,
               used=used(opts, pipeline=False))  # trains on cached embeddings: no pipeline
     return res.last
+
+
+def load_joint(ws: Workspace, levels: int, device: torch.device) -> tuple[JointTeacher, dict]:
+    stem = ws.joint_dir(levels) / "last"
+    if not stem.with_suffix(".safetensors").exists():
+        raise MlfdError(f"no joint teacher for L{levels} ({stem}.safetensors): run `mlfd fuse`")
+    meta = load_meta(stem)
+    if not meta.get("complete"):
+        raise MlfdError(f"joint teacher {stem}.safetensors is incomplete: run `mlfd fuse`")
+    joint = build_joint(ws, meta["teacher_shapes"], levels)
+    load_into(joint, stem, f"joint teacher L{levels}")
+    return joint.to(device).eval().requires_grad_(False), meta
+
+
+def build_joint(ws: Workspace, teacher_shapes, levels: int) -> JointTeacher:
+    cfg = ws.exp.fuse
+    return JointTeacher([[tuple(s) for s in t] for t in teacher_shapes],
+                        [dataset_of(ws, e.name).num_classes for e in ws.exp.datasets], levels,
+                        cfg.width, cfg.embed_dim, cfg.dropout)
+
+
+def joint_forward_cached(joint: JointTeacher, feats: list[torch.Tensor], rows: np.ndarray,
+                         views: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+    r, v = torch.as_tensor(rows), torch.as_tensor(views)
+    return joint([f[r, v].to(device).float() for f in feats])

@@ -16,18 +16,12 @@ from ..engine.distributed import barrier, on_main
 from ..engine.progress import log
 from ..workspace import Workspace
 from .baselines import baseline_dir, baseline_fingerprint
-from .cache import (
-    SPLITS,
-    cache_targets,
-    cache_teachers,
-    check_levels,
-    target_group,
-    teacher_group,
-)
+from .cache import SPLITS, cache_teachers, check_levels, teacher_group
 from .common import RunOptions, dataset_of
 from .distill import cache_budget, distill, student_fingerprint
 from .fuse import fuse, joint_fingerprint, joint_status
 from .scan import has_files, recorded, scan
+from .targets import cache_targets, target_group
 from .teach import teach, teacher_fingerprint
 
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from ..data import formats
 from ..data.registry import Dataset
-from ..engine import staging
 from ..engine.distributed import on_main
 from ..engine.progress import log, progress
 from ..errors import MlfdError
+from ..storage import staging
 from ..workspace import Workspace
 from .common import dataset_of
 

@@ -13,13 +13,13 @@ from ..data.sampling import train_order
 from ..engine.artifact import Artifact, Status, TrainRun
 from ..engine.checkpoint import file_sha256, save_checkpoint
 from ..engine.distributed import barrier, is_main, rank, world
-from ..engine.fingerprint import flatten
 from ..engine.loop import fit, seed_everything
 from ..engine.progress import log
 from ..errors import MlfdError
 from ..fastpaths import used
 from ..models import build_level_backbone
 from ..models.backbone import apply_init
+from ..storage.fingerprint import flatten
 from ..workspace import Workspace
 from .common import (
     RunOptions,

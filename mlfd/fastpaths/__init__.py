@@ -2,7 +2,7 @@
 
 Every fast path (the Triton KD kernel, torch.compile of the loss, DALI GPU decoding, bf16 /
 fp16 autocast) is compared with its reference once per environment by
-:mod:`mlfd.fastchecks` (``mlfd info --check``). The report is cached as JSON in the
+:mod:`mlfd.fastpaths.checks` (``mlfd info --check``). The report is cached as JSON in the
 user's cache directory (``MLFD_CACHE_DIR``, else platformdirs' user cache dir), under a
 digest of what could change the answer: the versions of mlfd, its kernel source, torch,
 triton and every installed DALI wheel, the device and the driver.
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import MlfdError
+from .. import __version__
+from ..errors import MlfdError
 
 SCHEMA = 1  # bump when the probes change what they verify: old verdicts are then ignored
 PATHS = {  # row id -> the name rows and warnings give it
@@ -196,8 +196,8 @@ def check(device: torch.device, refresh: bool = False) -> dict:
         doc = load_report(device)
         if doc is not None:
             return doc
-    from . import fastchecks
-    from .engine.progress import log
+    from ..engine.progress import log
+    from . import checks as fastchecks
 
     key = env_key(device)
     path = cache_file(key)
@@ -271,7 +271,7 @@ def _auto(opts, kind: str) -> str:
     if ("auto", kind) not in memo:
         choice, warning = choose(kind, report_for(opts))
         if warning:
-            from .engine.progress import log
+            from ..engine.progress import log
 
             log(f"warning: {warning}")
         memo[("auto", kind)] = choice
@@ -280,7 +280,7 @@ def _auto(opts, kind: str) -> str:
 
 def loss_backend(opts, requested: str | None) -> str:
     """The loss backend a run uses for ``requested`` (None/"auto" or a backend name)."""
-    from .losses.kd import resolve_backend
+    from ..losses.kd import resolve_backend
 
     name = (requested or "auto").lower()
     plain = resolve_backend(name, opts.device)  # names and device rules; auto -> torch
@@ -295,7 +295,7 @@ def loss_backend(opts, requested: str | None) -> str:
 
 def pipeline_backend(opts) -> str:
     """The pipeline a run uses: ``dali`` (on the run's device), ``dali-cpu`` or ``torch``."""
-    from .data.pipeline import resolve_pipeline
+    from ..data.pipeline import resolve_pipeline
 
     name = (opts.pipeline or "auto").lower()
     if not needs_check(opts.device):
@@ -339,7 +339,7 @@ def check_explicit(opts, loss: str | None = None) -> None:
     """Before a run writes anything: on CUDA, read (or make) the verdict and refuse an
     explicit choice that did not pass. ``auto`` choices are made, and warned about, where
     they are used."""
-    from .data.download import fetch_allowed
+    from ..data.download import fetch_allowed
 
     if not needs_check(opts.device):
         check_precision(getattr(opts, "precision", "auto"))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .errors import MlfdError
+from ..errors import MlfdError
 
 
 def select_device(name: str = "auto") -> torch.device:
     """The device to run on; under torchrun plain "cuda" is this process's GPU (LOCAL_RANK)."""
-    from .engine.distributed import local_rank, under_torchrun
+    from .distributed import local_rank, under_torchrun
 
     name = (name or "auto").lower()
     if name == "auto":

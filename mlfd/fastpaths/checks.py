@@ -17,8 +17,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from . import fastpaths as fp  # its functions by attribute: tests simulate a machine there
-from .fastpaths import PATHS, wheel_cuda_major
+import mlfd.fastpaths as fp  # its functions by attribute: tests simulate a machine there
+
+from . import PATHS, wheel_cuda_major
 
 
 class Mismatch(Exception):
@@ -40,7 +41,7 @@ def cause(e: BaseException) -> str:
 
 def _loss_case(device: torch.device):
     """Two levels (a vector and a map), C=100, a label ignored, label smoothing on."""
-    from .losses.kd import IGNORE_INDEX, KDLossConfig
+    from ..losses.kd import IGNORE_INDEX, KDLossConfig
 
     g = torch.Generator().manual_seed(0)
     B, C = 16, 100
@@ -57,7 +58,7 @@ def _loss_case(device: torch.device):
 
 
 def _loss_and_grads(backend: str, case):
-    from .losses.kd import kd_loss
+    from ..losses.kd import kd_loss
 
     (s, t, y), us, vs, cfg = case
     s = s.clone().requires_grad_(True)
@@ -94,7 +95,7 @@ def compare_loss(backend: str, device: torch.device, rtol: float = 1e-4) -> str:
 
 
 def probe_triton(device: torch.device, rows: dict) -> dict:
-    from .losses.kd import triton_available
+    from ..losses.kd import triton_available
 
     if not triton_available():
         return _row("triton", "unavailable", "triton or mlfd_kernels is not importable",
@@ -157,7 +158,7 @@ def _embedded_images(n: int = 4) -> np.ndarray:
     one per channel (colour exercises chroma), upscaled to 56 px (several JPEG blocks)."""
     from PIL import Image
 
-    from .data.registry import get_dataset
+    from ..data.registry import get_dataset
 
     planes = [get_dataset(name).load("test").images[:n]
               for name in ("mnist-mini", "fashion-mnist-mini", "animal-mnist-mini")]
@@ -167,7 +168,7 @@ def _embedded_images(n: int = 4) -> np.ndarray:
 
 
 def _pipeline_output(kind: str, split, device: str) -> torch.Tensor:
-    from .data.pipeline import PIPELINES, InputSpec, TorchPipeline, dali_available
+    from ..data.pipeline import PIPELINES, InputSpec, TorchPipeline, dali_available
 
     spec = InputSpec(size=(40, 40), channels=3, mean=(0.5, 0.45, 0.4), std=(0.25, 0.25, 0.25))
     n = len(split.labels)
@@ -207,12 +208,12 @@ def _files(images: np.ndarray, folder: str, fmt: str) -> list[str]:
 
 
 def _dali_missing() -> str | None:
-    from .data.pipeline import dali_available
+    from ..data.pipeline import dali_available
 
     if dali_available():
         return None
     try:
-        from .data import dali_pipeline  # noqa: F401
+        from ..data import dali_pipeline  # noqa: F401
     except Exception as e:  # the reason the seam swallowed
         return cause(e)
     return "nvidia-dali is not importable"
@@ -220,7 +221,7 @@ def _dali_missing() -> str | None:
 
 def probe_dali_cpu(device: torch.device, rows: dict) -> dict:
     """DALI's CPU mode against the torch pipeline: arrays and decoded PNG files, views 0/1."""
-    from .data.registry import Split
+    from ..data.registry import Split
 
     missing = _dali_missing()
     if missing:
@@ -256,7 +257,7 @@ def _cuda(device: torch.device) -> str:
 def probe_dali_gpu_decode(device: torch.device, rows: dict) -> dict:
     """The `mixed` decoder on JPEGs of embedded images against DALI's CPU decoder. nvJPEG and
     libjpeg-turbo may round differently by a level or so; a wrong decode is off by far more."""
-    from .data.registry import Split
+    from ..data.registry import Split
 
     blocked = _dali_gpu_blocked("dali_gpu_decode", device, rows)
     if blocked:
@@ -270,7 +271,7 @@ def probe_dali_gpu_decode(device: torch.device, rows: dict) -> dict:
 
 
 def probe_dali_gpu_arrays(device: torch.device, rows: dict) -> dict:
-    from .data.registry import Split
+    from ..data.registry import Split
 
     blocked = _dali_gpu_blocked("dali_gpu_arrays", device, rows)
     if blocked:
@@ -298,7 +299,7 @@ def _tiny_step(device: torch.device, precision: str):
     """(loss, gradients, parameters before and after one SGD step) of a tiny conv net."""
     import torch.nn.functional as F
 
-    from .engine.loop import autocast, grad_scaler
+    from ..engine.loop import autocast, grad_scaler
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, 16, 16, generator=g).to(device)
@@ -415,7 +416,7 @@ def run_isolated(device: torch.device, paths=None, timeout: float = 900.0) -> li
 
     todo, rows = list(paths or PATHS), {}
     while todo:
-        cmd = [sys.executable, "-m", "mlfd.fastchecks", str(device), *todo]
+        cmd = [sys.executable, "-m", "mlfd.fastpaths.checks", str(device), *todo]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             out, code, err = proc.stdout, proc.returncode, proc.stderr
@@ -439,7 +440,7 @@ def run_isolated(device: torch.device, paths=None, timeout: float = 900.0) -> li
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m mlfd.fastchecks DEVICE PATH...`: one marked JSON row per probe."""
+    """`python -m mlfd.fastpaths.checks DEVICE PATH...`: one marked JSON row per probe."""
     import json
 
     device, rows = torch.device(argv[0]), {}
