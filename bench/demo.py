@@ -29,9 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict:
+    import torch
+
     from mlfd.info import cpu_model
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu,
+            "platform": platform.platform()}
 
 
 def main() -> None:
@@ -71,7 +75,8 @@ def main() -> None:
         "rows": doc["rows"],
         "stage_log": [ln for ln in proc.stderr.splitlines() if ln.startswith("[")],
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", result["machine"]["cpu"].lower()).strip("-")[:40]
+    named = result["machine"]["gpu"] or result["machine"]["cpu"]  # what the run's speed is of
+    slug = re.sub(r"[^a-z0-9]+", "-", named.lower()).strip("-")[:40]
     out = args.out or ROOT / "bench" / "results" / f"demo-{slug}-{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -316,7 +316,7 @@ def _check_train(section: str, cfg: TrainConfig) -> None:
     if cfg.warmup_epochs > cfg.epochs:
         raise MlfdError(f"{section}.warmup_epochs {cfg.warmup_epochs:g} is longer than the "
                         f"training ({section}.epochs {cfg.epochs})")
-    from .data.pipeline import check_auto_augment
+    from .data.pipelines import check_auto_augment
 
     check_auto_augment(cfg.auto_augment)
 
@@ -507,7 +507,7 @@ def resolve_source(source: str, base: Path) -> str:
 
     Relative paths are taken relative to ``base`` (the directory of experiment.yaml, or
     the current directory for a --teacher option), so a workdir works from anywhere."""
-    from .data.registry import list_datasets
+    from .data.datasets import list_datasets
 
     if source in list_datasets() or Path(source).expanduser().is_absolute():
         return source

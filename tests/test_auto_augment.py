@@ -1,6 +1,6 @@
 """Optional AutoAugment (ImageNet policy) in both pipeline backends.
 
-Contract (mlfd/data/pipeline.py): only views > 0 are augmented, after the replayable
+Contract (mlfd/data/pipelines/base.py): only views > 0 are augmented, after the replayable
 geometry and before channel matching and normalisation; view 0 keeps its exact pixels.
 The augmentation replays per (seed, index, view); test_replayable_auto_augment.py checks
 that in depth (orders, batch sizes, torch/DALI agreement per op).
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlfd.data.pipeline import InputSpec, TorchPipeline, build_pipeline
-from mlfd.data.registry import Split
+from mlfd.data.datasets import Split
+from mlfd.data.pipelines import InputSpec, TorchPipeline, build_pipeline
 from mlfd.data.views import ViewConfig
 from mlfd.errors import MlfdError
 
@@ -138,7 +138,7 @@ def test_build_pipeline_passes_policy_through():
 @pytest.fixture(scope="module")
 def dali():
     pytest.importorskip("nvidia.dali")  # environment guard: DALI is a Linux-only dependency
-    from mlfd.data.dali_pipeline import DaliPipeline
+    from mlfd.data.pipelines.dali import DaliPipeline
 
     return DaliPipeline
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlfd.cache import CacheGroup, store
+from mlfd.cache import MANIFEST, PROGRESS, CacheGroup, digest, integrity, layout
 from mlfd.errors import CorruptArtifact, MlfdError, StaleCacheError
 
 REBUILD = "re-run `mlfd cache`"
@@ -26,8 +26,8 @@ def _write(path, fp, feats, labels, rows_per_append=7):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """64-byte chunks, two per shard: a few rows each, so small arrays span many shards."""
-    monkeypatch.setattr(store, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(store, "SHARD_BYTES", 128)
+    monkeypatch.setattr(layout, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(layout, "SHARD_BYTES", 128)
 
 
 def _data(n=50, seed=0):
@@ -83,20 +83,20 @@ def test_round_trip_fp16_blosc_and_crc32c(tmp_path):
     assert codec["configuration"]["shuffle"] == "shuffle"
     # Promoted: nothing staged is left beside it, nor resume state inside it.
     assert sorted(p.name for p in g.path.parent.iterdir()) == ["train"]
-    assert not (g.path / store.PROGRESS).exists() and (g.path / store.MANIFEST).exists()
+    assert not (g.path / PROGRESS).exists() and (g.path / MANIFEST).exists()
 
 
 def test_view_axis_arrays_are_chunked_one_view_at_a_time():
     """(N, V, ...) arrays: ~1 MiB chunks of one view, ~64 MiB shards of all views whose
     rows are whole chunks; 1-D and 2-D arrays keep whole rows per chunk."""
     # the paper-like L2 target: 8 views of 512x7x7 fp16 (50176 B a view)
-    chunks, shards = store.layout((1305, 8, 512, 7, 7), 2)
+    chunks, shards = layout.layout((1305, 8, 512, 7, 7), 2)
     assert chunks == ((1 << 20) // 50176, 1, 512, 7, 7) == (20, 1, 512, 7, 7)
     assert shards == (20 * ((64 << 20) // (20 * 8 * 50176)), 8, 512, 7, 7) == (160, 8, 512, 7, 7)
     # logits: 100 fp16 a view, all 1305 rows fit one chunk and one shard
-    assert store.layout((1305, 8, 100), 2) == ((1305, 1, 100), (1305, 8, 100))
-    assert store.layout((1000, 8), 2) == ((1000, 8), (1000, 8))  # (N, features)
-    assert store.layout((1000,), 8) == ((1000,), (1000,))  # labels
+    assert layout.layout((1305, 8, 100), 2) == ((1305, 1, 100), (1305, 8, 100))
+    assert layout.layout((1000, 8), 2) == ((1000, 8), (1000, 8))  # (N, features)
+    assert layout.layout((1000,), 8) == ((1000,), (1000,))  # labels
 
 
 def test_view_chunked_array_round_trip_across_shards(tmp_path, small_chunks):
@@ -154,7 +154,7 @@ def test_groups_of_the_old_layout_are_rebuilt(tmp_path):
     fp = {"x": 1}
     z = zarr.open_group(store=str(path), mode="w")
     z.create_array("feat", shape=(4,), chunks=(4,), dtype="float32", fill_value=0)[...] = 1
-    z.attrs.update({"complete": False, "fingerprint": fp, "fingerprint_digest": store.digest(fp)})
+    z.attrs.update({"complete": False, "fingerprint": fp, "fingerprint_digest": digest(fp)})
     g = CacheGroup(path, fp)
     assert (g.status(), g.reason()) == ("incomplete", "incomplete (interrupted)")
     with pytest.raises(StaleCacheError, match="incomplete"):
@@ -226,7 +226,7 @@ def test_chunk_checksum_catches_what_the_manifest_misses(tmp_path, small_chunks,
     _feed(w, d, 0)
     w.close()
     damage(_chunk(g))
-    (g.path / store.MANIFEST).write_text(json.dumps({"files": store._manifest(g.path)}))
+    (g.path / MANIFEST).write_text(json.dumps({"files": integrity._manifest(g.path)}))
     assert g.status() == "ok"
     with pytest.raises(CorruptArtifact, match="array a failed to decode") as e:
         g.load()

@@ -11,8 +11,16 @@ import torch
 import yaml
 from helpers import LOCAL, bad, edit_experiment, run
 
-from mlfd.cache import CacheGroup, store, to_tensor
-from mlfd.config import Experiment
+from mlfd.cache import (
+    BOOKKEEPING,
+    MANIFEST,
+    VERIFIED,
+    CacheGroup,
+    integrity,
+    layout,
+    to_tensor,
+)
+from mlfd.config import CODECS, Experiment
 from mlfd.errors import CorruptArtifact, MlfdError, StaleCacheError
 from mlfd.storage.staging import set_read_only
 
@@ -20,8 +28,8 @@ from mlfd.storage.staging import set_read_only
 @pytest.fixture
 def small_shards(monkeypatch):
     """64-byte chunks, 16 per shard: small arrays span many chunks and several shards."""
-    monkeypatch.setattr(store, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(store, "SHARD_BYTES", 64 * 16)
+    monkeypatch.setattr(layout, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(layout, "SHARD_BYTES", 64 * 16)
 
 
 @pytest.fixture
@@ -107,7 +115,7 @@ def test_flipped_byte_in_a_shard_is_refused_on_read(tmp_path, small_shards):
     shard.write_bytes(bytes(b))
     assert g.reason() == "corrupt: feat/c/5/0 checksum mismatch"
     # with a manifest rewritten to match, the inner chunk's crc32c still refuses it
-    (g.path / store.MANIFEST).write_text(json.dumps({"files": store._manifest(g.path)}))
+    (g.path / MANIFEST).write_text(json.dumps({"files": integrity._manifest(g.path)}))
     assert g.status() == "ok"
     with pytest.raises(CorruptArtifact, match="array feat failed to decode"):
         g.load()
@@ -117,7 +125,7 @@ def test_flipped_byte_in_a_shard_is_refused_on_read(tmp_path, small_shards):
 # --------------------------------------------------------------------------- codecs, dtypes
 
 
-@pytest.mark.parametrize("codec", store.CODECS)
+@pytest.mark.parametrize("codec", CODECS)
 def test_codecs_round_trip_and_compress(tmp_path, codec):
     n = 20_000
     rng = np.random.default_rng(0)
@@ -201,7 +209,7 @@ def test_memory_url_round_trip_stale_and_corrupt(tmp_path, memfs, small_shards):
     g = _write(f"{url}/c.zarr/d/train", d)
     ref = _write(tmp_path / "ref", d)
     assert g.fs is not None and g.location == f"{url}/c.zarr/d/train"
-    assert not fs.exists(f"{g.staging}") and fs.exists(f"{g.path}/{store.MANIFEST}")
+    assert not fs.exists(f"{g.staging}") and fs.exists(f"{g.path}/{MANIFEST}")
     out = g.load()
     for k in d:
         np.testing.assert_array_equal(out[k], ref.load()[k])
@@ -246,7 +254,7 @@ def _close_killed_at(w, kill_at: int, copies: int, monkeypatch) -> None:
     """close() with a kill before copy number ``kill_at`` (``copies``: before the staging
     group is deleted, every copy done)."""
     done = {"n": 0}
-    copy, remove = store._RemoteDir.copy_to, store._RemoteDir.remove
+    copy, remove = layout._RemoteDir.copy_to, layout._RemoteDir.remove
 
     def killed_copy(self, rel, other):
         if done["n"] == kill_at:
@@ -260,8 +268,8 @@ def _close_killed_at(w, kill_at: int, copies: int, monkeypatch) -> None:
         remove(self)
 
     with monkeypatch.context() as m:
-        m.setattr(store._RemoteDir, "copy_to", killed_copy)
-        m.setattr(store._RemoteDir, "remove", killed_remove)
+        m.setattr(layout._RemoteDir, "copy_to", killed_copy)
+        m.setattr(layout._RemoteDir, "remove", killed_remove)
         with pytest.raises(KeyboardInterrupt):
             w.close()
 
@@ -304,13 +312,13 @@ def test_bad_urls_are_one_line(tmp_path):
 def reads(monkeypatch):
     """rel path -> bytes read to checksum it, per status() call."""
     seen = {}
-    original = store._file_crc
+    original = integrity._file_crc
 
     def counting(d, rel):
         seen[rel] = seen.get(rel, 0) + len(d.read(rel))
         return original(d, rel)
 
-    monkeypatch.setattr(store, "_file_crc", counting)
+    monkeypatch.setattr(integrity, "_file_crc", counting)
     return seen
 
 
@@ -328,9 +336,9 @@ def test_second_status_reads_no_chunk_data(tmp_path, small_shards, reads):
     reads.clear()  # of the manifest, at close
     assert g.status() == "ok"
     total = sum(p.stat().st_size for p in g.path.rglob("*")
-                if p.is_file() and p.name not in store.BOOKKEEPING)
+                if p.is_file() and p.name not in BOOKKEEPING)
     assert sum(reads.values()) == total  # the first check reads every byte
-    assert (g.path / store.VERIFIED).exists()
+    assert (g.path / VERIFIED).exists()
     reads.clear()
     for _ in range(3):
         assert g.status() == "ok"
@@ -356,7 +364,7 @@ def test_fresh_files_are_rechecked_until_their_mtime_settles(tmp_path, small_sha
     assert g.status() == "ok" and reads
     reads.clear()
     assert g.status() == "ok" and reads  # just written: read again
-    memo = g.path / store.VERIFIED
+    memo = g.path / VERIFIED
     assert not memo.exists() or not json.loads(memo.read_text())["files"]
 
 
@@ -365,19 +373,19 @@ def test_memo_needs_the_same_manifest_and_a_writer(tmp_path, small_shards, reads
     _age(g.path)
     set_read_only(True)  # eval, --dry-run: they write nothing, not even the memo
     try:
-        assert g.status() == "ok" and not (g.path / store.VERIFIED).exists()
+        assert g.status() == "ok" and not (g.path / VERIFIED).exists()
     finally:
         set_read_only(False)
-    assert g.status() == "ok" and (g.path / store.VERIFIED).exists()
-    files = len(json.loads((g.path / store.MANIFEST).read_text())["files"])
+    assert g.status() == "ok" and (g.path / VERIFIED).exists()
+    files = len(json.loads((g.path / MANIFEST).read_text())["files"])
     reads.clear()
-    manifest = g.path / store.MANIFEST
+    manifest = g.path / MANIFEST
     manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), id="another")))
     assert g.status() == "ok" and len(reads) == files  # all again
 
 
 def test_remote_second_status_reads_nothing(memfs, small_shards, reads, monkeypatch):
-    monkeypatch.setattr(store, "RACY_NS", 0)  # memory:// times are microseconds, just now
+    monkeypatch.setattr(layout, "RACY_NS", 0)  # memory:// times are microseconds, just now
     fs, url = memfs
     g = _write(f"{url}/g", _data())
     reads.clear()

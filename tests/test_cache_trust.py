@@ -14,7 +14,7 @@ import pytest
 import zarr
 from helpers import LOCAL, bad, edit_experiment, run
 
-from mlfd.cache import CacheGroup, store
+from mlfd.cache import DAMAGED, MANIFEST, VERIFIED, CacheGroup, integrity, layout
 from mlfd.cache.stream import TargetStream
 from mlfd.errors import CorruptArtifact
 from mlfd.stages.targets import target_group
@@ -175,17 +175,18 @@ def _hide_in_memo(g: Path, rel: str) -> None:
     """os.utime cannot restore the ctime, which the memo also keys on: record the damaged
     file's stat as the memo holds it where a rewrite does not show (a copy that keeps
     times, a file system whose ctime says nothing)."""
-    memo = json.loads((g / store.VERIFIED).read_text())
+    memo = json.loads((g / VERIFIED).read_text())
     st = (g / rel).stat()
     memo["files"][rel] = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    (g / store.VERIFIED).write_text(json.dumps(memo))
+    (g / VERIFIED).write_text(json.dumps(memo))
 
 
 def _match_manifest(g: Path, rel: str) -> None:
     """Damage that predates the manifest: its checksum of the file matches the bytes."""
-    manifest = json.loads((g / store.MANIFEST).read_text())
-    manifest["files"][rel] = [(g / rel).stat().st_size, store._file_crc(store._LocalDir(g), rel)]
-    (g / store.MANIFEST).write_text(json.dumps(manifest))
+    manifest = json.loads((g / MANIFEST).read_text())
+    manifest["files"][rel] = [(g / rel).stat().st_size,
+                              integrity._file_crc(layout._LocalDir(g), rel)]
+    (g / MANIFEST).write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("hidden_by,rerun", [(_hide_in_memo, "distill"),
@@ -197,7 +198,7 @@ def test_chunk_failing_its_checksum_on_read_is_rebuilt_by_the_suggested_rerun(
     before = zarr.open_group(str(g), mode="r")["logits"][...]
     _age(g)
     group = target_group(Workspace.open(ws), 2, "alpha")
-    assert group.status() == "ok" and (g / store.VERIFIED).exists()
+    assert group.status() == "ok" and (g / VERIFIED).exists()
     _flip(g / rel)
     hidden_by(g, rel)
     assert group.reason() == "ok"  # neither the manifest nor the memo sees the damage
@@ -207,7 +208,7 @@ def test_chunk_failing_its_checksum_on_read_is_rebuilt_by_the_suggested_rerun(
     assert msg == (f"error: cache {g}: corrupt: array logits failed to decode (ValueError); "
                    "re-run `mlfd cache` (or `mlfd distill`) to rebuild it, no --force needed")
     assert group.reason() == "corrupt: array logits failed to decode when read (ValueError)"
-    assert not (g / store.VERIFIED).exists()  # the memo no longer vouches for any file
+    assert not (g / VERIFIED).exists()  # the memo no longer vouches for any file
 
     args = distill if rerun == "distill" else ("cache", "--workdir", ws, "--levels", 2, *LOCAL)
     code, out, err = run(capsys, *args, "--json")
@@ -219,7 +220,7 @@ def test_chunk_failing_its_checksum_on_read_is_rebuilt_by_the_suggested_rerun(
     else:
         # beta's targets too: the fixture distilled alpha only
         assert json.loads(out)["written"]["targets"] == ["alpha", "beta"]
-    assert group.status() == "ok" and not (g / store.DAMAGED).exists()
+    assert group.status() == "ok" and not (g / DAMAGED).exists()
     np.testing.assert_array_equal(zarr.open_group(str(g), mode="r")["logits"][...], before)
     code, out, err = run(capsys, *distill, "--json")
     assert code == 0 and json.loads(out)["steps"] == [], err
@@ -262,4 +263,4 @@ def test_a_read_only_run_records_nothing_and_says_force(tmp_path):
         set_read_only(False)
     assert str(e.value).endswith("failed to decode (ValueError); re-run `mlfd cache --force` "
                                  "to rebuild it")
-    assert not (g.path / store.DAMAGED).exists() and g.status() == "ok"
+    assert not (g.path / DAMAGED).exists() and g.status() == "ok"

@@ -10,9 +10,9 @@ import torch
 
 pytest.importorskip("nvidia.dali")  # environment guard: DALI is a Linux-only dependency
 
-from mlfd.data.dali_pipeline import DaliPipeline  # noqa: E402
-from mlfd.data.pipeline import InputSpec, TorchPipeline, build_pipeline  # noqa: E402
-from mlfd.data.registry import Split
+from mlfd.data.datasets import Split
+from mlfd.data.pipelines import InputSpec, TorchPipeline, build_pipeline  # noqa: E402
+from mlfd.data.pipelines.dali import DaliPipeline  # noqa: E402
 from mlfd.data.sampling import eval_order, train_order  # noqa: E402
 from mlfd.data.views import ViewConfig  # noqa: E402
 from mlfd.errors import MlfdError  # noqa: E402

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from helpers import LOCAL, TINY, bad, make_npz, run, tree_snapshot
 
+from mlfd.data import datasets, formats
 from mlfd.data import download as dl
-from mlfd.data import formats
-from mlfd.data import registry as reg
 from mlfd.errors import DatasetNotFound, MlfdError
 
 
@@ -43,7 +42,7 @@ def _evil_bytes(marker: Path) -> bytes:
 def _policy(monkeypatch):
     """--trust-data lasts until the next command sets it (a process runs one): restore the
     default after each test, so no other test reads with it."""
-    monkeypatch.setitem(reg._TRUST, "on", False)
+    monkeypatch.setitem(datasets.base._TRUST, "on", False)
     monkeypatch.setitem(dl._FETCH, "on", True)
 
 
@@ -118,7 +117,7 @@ def test_restricted_unpickler_reads_numpy_pickles(tmp_path, protocol):
     assert got["test"][1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
     labels = {b"labels": [np.int64(3), 4], b"set": {1, 2}}
     path.write_bytes(pickle.dumps(labels, protocol=protocol))
-    assert formats._unpickle(path, "bytes", None) == labels
+    assert formats.pickles._unpickle(path, "bytes", None) == labels
 
 
 # --------------------------------------------------------------------------- MNIST pickle
@@ -144,19 +143,19 @@ def test_evil_mnist_pickle_runs_nothing(tmp_path, capsys):
 def test_re_encoded_mnist_needs_trust_data(tmp_path, capsys, monkeypatch):
     raw, truth = _mnist_pickle()
     published = gzip.compress(raw, mtime=0)
-    monkeypatch.setattr(reg, "MNIST_PICKLE_DIGESTS", frozenset({
+    monkeypatch.setattr(datasets.mnist, "MNIST_PICKLE_DIGESTS", frozenset({
         f"md5:{hashlib.md5(published).hexdigest()}", f"sha256:{hashlib.sha256(raw).hexdigest()}"}))
     root = tmp_path / "data"
     (root / "mnist").mkdir(parents=True)
     target = root / "mnist" / "mnist.pkl.gz"
     for copy in (published, gzip.compress(raw, mtime=1)):  # the file, or its content, matches
         target.write_bytes(copy)
-        images = reg.get_dataset("mnist", root).load("val").images
+        images = datasets.get_dataset("mnist", root).load("val").images
         assert np.array_equal(images.reshape(-1, 784), truth[1])
     # the same arrays re-pickled (another protocol): valid, but not the published bytes
     target.write_bytes(gzip.compress(pickle.dumps(pickle.loads(raw), protocol=4)))
     with pytest.raises(formats.ChecksumMismatch, match="not the published file"):
-        reg.get_dataset("mnist", root)
+        datasets.get_dataset("mnist", root)
     cmd = ["teach", *_experiment(tmp_path, "mnist"), "--dataset", "mnist", "--data-root", root,
            *TINY]
     line = bad(capsys, *cmd)
@@ -164,8 +163,8 @@ def test_re_encoded_mnist_needs_trust_data(tmp_path, capsys, monkeypatch):
     code, out, err = run(capsys, *cmd, "--trust-data")
     assert code == 0, err
     assert (tmp_path / "w" / "teachers" / "mnist").is_dir()
-    monkeypatch.setitem(reg._TRUST, "on", True)
-    ds = reg.get_dataset("mnist", root)
+    monkeypatch.setitem(datasets.base._TRUST, "on", True)
+    ds = datasets.get_dataset("mnist", root)
     assert np.array_equal(ds.load("test").images.reshape(-1, 784), truth[2])
 
 
@@ -192,10 +191,10 @@ def test_evil_cifar_pickle_runs_nothing(tmp_path, capsys, evil):
 
 
 def test_cifar_checksums_cover_every_file():
-    for spec in reg._CIFAR.values():
-        assert set(spec["md5s"]) == {p.name for p in reg._cifar_files(spec, Path("."))}
-    assert len(reg.CIFAR100_CLASSES) == len(set(reg.CIFAR100_CLASSES)) == 100
-    assert sorted(reg.CIFAR100_CLASSES) == reg.CIFAR100_CLASSES
+    for spec in datasets.cifar._CIFAR.values():
+        assert set(spec["md5s"]) == {p.name for p in datasets.cifar._cifar_files(spec, Path("."))}
+    assert len(datasets.cifar.CIFAR100_CLASSES) == len(set(datasets.cifar.CIFAR100_CLASSES)) == 100
+    assert sorted(datasets.cifar.CIFAR100_CLASSES) == datasets.cifar.CIFAR100_CLASSES
 
 
 # --------------------------------------------------------------------------- dry runs
@@ -228,7 +227,7 @@ def test_dry_run_writes_and_fetches_nothing(tmp_path, capsys, monkeypatch, no_ne
 
 def test_download_refused_while_fetching_is_off(tmp_path, no_network):
     with dl.no_fetch():
-        ds = reg.get_dataset("cifar10", tmp_path / "data")
+        ds = datasets.get_dataset("cifar10", tmp_path / "data")
         assert ds.pending and ds.num_classes == 10 and ds.classes[0] == "airplane"
         with pytest.raises(DatasetNotFound, match="without --dry-run downloads it"):
             ds.load("train")
@@ -249,7 +248,7 @@ def test_npz_with_object_arrays_is_bad_input(tmp_path, capsys):
         path = tmp_path / f"bad_{key}.npz"
         np.savez(path, **{**arrays, key: value})
         with pytest.raises(DatasetNotFound, match=f"{path}: {key} is an object array"):
-            reg.get_dataset(str(path))
+            datasets.get_dataset(str(path))
         for extra in ([], ["-n"]):
             code, out, err = run(capsys, "teach", "--workdir", tmp_path / "w", "--teacher",
                                  f"{path}=test_resnet", "--teacher", f"{good}=test_resnet",
@@ -264,13 +263,14 @@ def test_npz_with_object_arrays_is_bad_input(tmp_path, capsys):
 
 
 def test_published_files_pass_as_they_are(shared_data, tmp_path):
-    mnist = reg.get_dataset("mnist", shared_data)
+    mnist = datasets.get_dataset("mnist", shared_data)
     assert len(mnist.load("train")) == 50000 and len(mnist.load("test")) == 10000
     # a gunzipped or re-compressed copy holds the published pickle: accepted by its checksum
     content = gzip.decompress((shared_data / "mnist" / "mnist.pkl.gz").read_bytes())
-    assert formats._matches(content, reg.MNIST_PICKLE_DIGESTS)
-    animal = reg.get_dataset("animal-mnist", shared_data)
+    assert formats.pickles._matches(content, datasets.mnist.MNIST_PICKLE_DIGESTS)
+    animal = datasets.get_dataset("animal-mnist", shared_data)
     train = animal.load("train")
     assert len(train) + len(animal.load("test")) == 9716
     # the fixed statistics are those of the published files' training split
-    assert reg.channel_stats(train.images) == (reg.ANIMAL_MEAN, reg.ANIMAL_STD)
+    fixed = (datasets.animal.ANIMAL_MEAN, datasets.animal.ANIMAL_STD)
+    assert datasets.channel_stats(train.images) == fixed

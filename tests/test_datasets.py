@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mlfd.data import datasets, formats
 from mlfd.data import download as dl
-from mlfd.data import formats
-from mlfd.data import registry as reg
 from mlfd.errors import DatasetNotFound, MlfdError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +64,7 @@ def write_pickle(path: Path, obj: object) -> None:
 @pytest.fixture
 def trusted(monkeypatch):
     """--trust-data: the pickles made here are not the published files (checksums differ)."""
-    monkeypatch.setitem(reg._TRUST, "on", True)
+    monkeypatch.setitem(datasets.base._TRUST, "on", True)
 
 
 def make_cifar10(root: Path) -> dict:
@@ -118,7 +117,7 @@ def save_png(path: Path, mode: str, size=(6, 5), value=0) -> None:
 
 def test_cifar10_pickle_layout_is_nhwc(tmp_path, trusted):
     rows = make_cifar10(tmp_path)
-    ds = reg.get_dataset("cifar10", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("cifar10", data_root=tmp_path, download=False)
     assert ds.classes[0] == "airplane" and ds.classes[-1] == "truck"
     assert (ds.channels, ds.image_size, ds.num_classes) == (3, (32, 32), 10)
     assert ds.mean == (0.4914, 0.4822, 0.4465)
@@ -141,7 +140,7 @@ def test_cifar10_pickle_layout_is_nhwc(tmp_path, trusted):
 
 def test_cifar100_fine_labels(tmp_path, trusted):
     rows = make_cifar100(tmp_path)
-    ds = reg.get_dataset("cifar100", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("cifar100", data_root=tmp_path, download=False)
     # the names are the registry's (the published meta's), not read from the meta file
     assert ds.num_classes == 100 and ds.classes[7] == "beetle" and ds.classes[-1] == "worm"
     train = ds.load("train")
@@ -154,7 +153,7 @@ def test_cifar_malformed_batch(tmp_path, trusted):
     make_cifar10(tmp_path)
     bad = tmp_path / "cifar-10-batches-py" / "test_batch"
     write_pickle(bad, {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
-    ds = reg.get_dataset("cifar10", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("cifar10", data_root=tmp_path, download=False)
     with pytest.raises(DatasetNotFound, match="test_batch"):
         ds.load("test")
 
@@ -166,10 +165,10 @@ def test_cifar_download_from_file_url(tmp_path, monkeypatch, trusted):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    spec = dict(reg._CIFAR["cifar10"], url=archive.as_uri(), md5=md5)
-    monkeypatch.setitem(reg._CIFAR, "cifar10", spec)
+    spec = dict(datasets.cifar._CIFAR["cifar10"], url=archive.as_uri(), md5=md5)
+    monkeypatch.setitem(datasets.cifar._CIFAR, "cifar10", spec)
     root = tmp_path / "root"
-    ds = reg.get_dataset("cifar10", data_root=root, download=True)
+    ds = datasets.get_dataset("cifar10", data_root=root, download=True)
     assert len(ds.load("train")) == 10
     assert not (root / "cifar-10-python.tar.gz").exists()  # archive dropped after extraction
 
@@ -180,7 +179,7 @@ def test_cifar_download_from_file_url(tmp_path, monkeypatch, trusted):
 @pytest.mark.parametrize("gz", [True, False])
 def test_fashion_idx(tmp_path, gz):
     data = write_idx_set(tmp_path / "fashion-mnist", gz)
-    ds = reg.get_dataset("fashion-mnist", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("fashion-mnist", data_root=tmp_path, download=False)
     assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
     assert ds.mean == (0.2860,) and ds.channels == 1
     train = ds.load("train")
@@ -193,7 +192,7 @@ def test_fashion_idx(tmp_path, gz):
 
 def test_mnist_idx_when_no_pickle(tmp_path):
     data = write_idx_set(tmp_path / "mnist", gz=True)
-    ds = reg.get_dataset("mnist", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("mnist", data_root=tmp_path, download=False)
     assert ds.splits() == ["train", "test"]
     assert np.array_equal(ds.load("test").images[..., 0], data["t10k"][0])
 
@@ -211,7 +210,7 @@ def test_corrupt_idx_magic(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[0] = 0x42
     path.write_bytes(bytes(raw))
-    ds = reg.get_dataset("fashion-mnist", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("fashion-mnist", data_root=tmp_path, download=False)
     with pytest.raises(DatasetNotFound, match="bad IDX magic.*train-images-idx3-ubyte"):
         ds.load("train")
 
@@ -242,7 +241,7 @@ def test_mnist_pickle_converts_back_to_uint8(tmp_path, trusted):
         truth.append(u8)
     (tmp_path / "mnist").mkdir()
     (tmp_path / "mnist" / "mnist.pkl.gz").write_bytes(gzip.compress(pickle.dumps(tuple(parts))))
-    ds = reg.get_dataset("mnist", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("mnist", data_root=tmp_path, download=False)
     assert ds.splits() == ["train", "val", "test"]
     assert ds.mean == (0.1307,) and ds.classes == [str(d) for d in range(10)]
     for split, u8 in zip(("train", "val", "test"), truth, strict=True):
@@ -288,7 +287,7 @@ def test_dedupe_keeps_first_occurrence():
 
 def test_animal_dedupe_then_stratified_disjoint_split(tmp_path, trusted):
     images, labels = make_animal(tmp_path)
-    ds = reg.get_dataset("animal-mnist", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("animal-mnist", data_root=tmp_path, download=False)
     assert ds.classes[0] == "bear" and ds.classes[9] == "zebra"
     train, test = ds.load("train"), ds.load("test")
     assert len(train) + len(test) == 28  # the two duplicates are gone
@@ -305,8 +304,8 @@ def test_animal_dedupe_then_stratified_disjoint_split(tmp_path, trusted):
         assert by_bytes[img.tobytes()] == lab
     # fixed statistics of the published files' train split (checked on them in
     # test_data_root_safety.py), not of these
-    assert (ds.mean, ds.std) == (reg.ANIMAL_MEAN, reg.ANIMAL_STD)
-    again = reg.get_dataset("animal-mnist", data_root=tmp_path, download=False)
+    assert (ds.mean, ds.std) == (datasets.animal.ANIMAL_MEAN, datasets.animal.ANIMAL_STD)
+    again = datasets.get_dataset("animal-mnist", data_root=tmp_path, download=False)
     assert np.array_equal(again.load("test").images, test.images)  # seeded -> reproducible
 
 
@@ -333,10 +332,10 @@ def test_image_folder(tmp_path, other):
             for i in range(n):
                 save_png(root / split / cls / f"{i}.PNG", "RGB", value=(10, 20, 30))
     (root / "train" / "circle" / "notes.txt").write_text("not an image")
-    ds = reg.get_dataset(str(root))
+    ds = datasets.get_dataset(str(root))
     assert ds.name == "shapes" and ds.classes == ["circle", "square"]
     assert (ds.channels, ds.image_size) == (3, (5, 6))
-    assert ds.mean == reg.IMAGENET_MEAN
+    assert ds.mean == datasets.IMAGENET_MEAN
     assert ds.splits() == ["train", other]
     train = ds.load("train")
     assert train.images is None and len(train.files) == 4
@@ -352,31 +351,31 @@ def test_image_folder_gray_and_errors(tmp_path):
     for cls in ("a", "b"):  # two classes: one alone is refused
         save_png(gray / "train" / cls / "x.png", "L")
         save_png(gray / "test" / cls / "y.jpg", "L")
-    ds = reg.get_dataset(gray)
+    ds = datasets.get_dataset(gray)
     assert ds.channels == 1 and len(ds.mean) == 1
 
     mismatch = tmp_path / "mismatch"
     save_png(mismatch / "train" / "a" / "x.png", "L")
     save_png(mismatch / "test" / "b" / "x.png", "L")
     with pytest.raises(DatasetNotFound, match="class mismatch"):
-        reg.get_dataset(mismatch)
+        datasets.get_dataset(mismatch)
 
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
     (empty / "test").mkdir()
     with pytest.raises(DatasetNotFound, match="no class folders"):
-        reg.get_dataset(empty)
+        datasets.get_dataset(empty)
 
     no_images = tmp_path / "noimg"
     (no_images / "train" / "a").mkdir(parents=True)
     (no_images / "test" / "a").mkdir(parents=True)
     with pytest.raises(DatasetNotFound, match="no images"):
-        reg.get_dataset(no_images)
+        datasets.get_dataset(no_images)
 
     only_train = tmp_path / "only"
     save_png(only_train / "train" / "a" / "x.png", "L")
     with pytest.raises(DatasetNotFound, match="no test/ or val/"):
-        reg.get_dataset(only_train)
+        datasets.get_dataset(only_train)
 
 
 def test_npz_dataset(tmp_path):
@@ -385,7 +384,7 @@ def test_npz_dataset(tmp_path):
     x_test = np.full((2, 5, 6), 0.5, np.float32)
     path = tmp_path / "tiny.npz"
     np.savez(path, x_train=x_train, y_train=[0, 1, 2, 1], x_test=x_test, y_test=[2, 0])
-    ds = reg.get_dataset(path)
+    ds = datasets.get_dataset(path)
     assert ds.name == "tiny" and ds.classes == ["0", "1", "2"]
     assert (ds.channels, ds.image_size) == (1, (5, 6))
     train = ds.load("train")
@@ -395,7 +394,7 @@ def test_npz_dataset(tmp_path):
     assert ds.mean == (round(200 / (4 * 30) / 255, 6),)
     fp = ds.fingerprint()
     shutil.copy(path, tmp_path / "copy.npz")
-    assert reg.get_dataset(tmp_path / "copy.npz").fingerprint() == fp
+    assert datasets.get_dataset(tmp_path / "copy.npz").fingerprint() == fp
 
     rgb = tmp_path / "rgb.npz"
     np.savez(
@@ -406,7 +405,7 @@ def test_npz_dataset(tmp_path):
         y_test=[1],
         classes=np.array(["cat", "dog"]),
     )
-    ds = reg.get_dataset(str(rgb))
+    ds = datasets.get_dataset(str(rgb))
     assert ds.channels == 3 and ds.classes == ["cat", "dog"] and len(ds.mean) == 3
 
 
@@ -414,7 +413,7 @@ def test_npz_errors(tmp_path):
     missing = tmp_path / "missing.npz"
     np.savez(missing, x_train=np.zeros((2, 4, 4), np.uint8), y_train=[0, 1])
     with pytest.raises(DatasetNotFound, match="missing keys x_test, y_test"):
-        reg.get_dataset(missing)
+        datasets.get_dataset(missing)
     bad_dtype = tmp_path / "int.npz"
     np.savez(
         bad_dtype,
@@ -424,7 +423,7 @@ def test_npz_errors(tmp_path):
         y_test=[0],
     )
     with pytest.raises(DatasetNotFound, match="dtype int64"):
-        reg.get_dataset(bad_dtype)
+        datasets.get_dataset(bad_dtype)
     out_of_range = tmp_path / "float.npz"
     np.savez(
         out_of_range,
@@ -434,7 +433,7 @@ def test_npz_errors(tmp_path):
         y_test=[0],
     )
     with pytest.raises(DatasetNotFound, match=r"\[0, 1\]"):
-        reg.get_dataset(out_of_range)
+        datasets.get_dataset(out_of_range)
     mismatch = tmp_path / "count.npz"
     np.savez(
         mismatch,
@@ -444,7 +443,7 @@ def test_npz_errors(tmp_path):
         y_test=[0],
     )
     with pytest.raises(DatasetNotFound, match="2 images but 3 labels"):
-        reg.get_dataset(mismatch)
+        datasets.get_dataset(mismatch)
     empty = tmp_path / "empty.npz"
     np.savez(
         empty,
@@ -454,7 +453,7 @@ def test_npz_errors(tmp_path):
         y_test=[0],
     )
     with pytest.raises(DatasetNotFound, match="empty"):
-        reg.get_dataset(empty)
+        datasets.get_dataset(empty)
 
 
 # ----------------------------------------------------------------------------- registry errors
@@ -462,8 +461,8 @@ def test_npz_errors(tmp_path):
 
 def test_unknown_name_and_split():
     with pytest.raises(DatasetNotFound, match="'nope' not found.*mnist-mini"):
-        reg.get_dataset("nope")
-    ds = reg.get_dataset("mnist-mini")
+        datasets.get_dataset("nope")
+    ds = datasets.get_dataset("mnist-mini")
     with pytest.raises(MlfdError, match="no split 'val'"):
         ds.load("val")
 
@@ -472,32 +471,32 @@ def test_unknown_name_and_split():
 def test_missing_root_names_the_path(tmp_path, name):
     root = tmp_path / "empty-root"
     with pytest.raises(DatasetNotFound) as err:
-        reg.get_dataset(name, data_root=root, download=False)
+        datasets.get_dataset(name, data_root=root, download=False)
     message = str(err.value)
     assert str(root) in message and "MLFD_DATA" in message and "\n" not in message
 
 
 def test_default_data_root(monkeypatch, tmp_path, trusted):
     monkeypatch.setenv("MLFD_DATA", str(tmp_path))
-    assert reg.default_data_root() == tmp_path
+    assert datasets.default_data_root() == tmp_path
     make_cifar100(tmp_path)
-    assert reg.get_dataset("cifar100", download=False).num_classes == 100
+    assert datasets.get_dataset("cifar100", download=False).num_classes == 100
     monkeypatch.delenv("MLFD_DATA")
-    assert reg.default_data_root() == Path.home() / ".cache" / "mlfd" / "data"
+    assert datasets.default_data_root() == Path.home() / ".cache" / "mlfd" / "data"
 
 
 def test_register_dataset_decorator(monkeypatch):
-    monkeypatch.setattr(reg, "_REGISTRY", dict(reg._REGISTRY))
+    monkeypatch.setattr(datasets.registry, "_REGISTRY", dict(datasets.registry._REGISTRY))
 
-    @reg.register_dataset("toy")
+    @datasets.register_dataset("toy")
     def toy(root, download):
-        split = reg.Split(labels=[0, 1], images=np.zeros((2, 2, 2, 1), np.uint8))
-        return reg.Dataset(
+        split = datasets.Split(labels=[0, 1], images=np.zeros((2, 2, 2, 1), np.uint8))
+        return datasets.Dataset(
             "toy", ["a", "b"], 1, (2, 2), (0.5,), (0.5,), "here", "none", loader=lambda s: split
         )
 
-    assert "toy" in reg.list_datasets()
-    ds = reg.get_dataset("toy")
+    assert "toy" in datasets.list_datasets()
+    ds = datasets.get_dataset("toy")
     assert ds.num_classes == 2 and len(ds.load("test")) == 2
     assert len(ds.fingerprint()) == 64
 
@@ -506,13 +505,13 @@ def test_register_dataset_decorator(monkeypatch):
 
 
 def test_embedded_subsets():
-    manifest = json.loads((reg.EMBEDDED_DIR / reg.MANIFEST_NAME).read_text())
+    manifest = json.loads((datasets.EMBEDDED_DIR / datasets.MANIFEST_NAME).read_text())
     for name in MINIS:
         entry = manifest["datasets"][name]
-        path = reg.EMBEDDED_DIR / entry["file"]
+        path = datasets.EMBEDDED_DIR / entry["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
         assert entry["seed"] == 0 and entry["license"] and entry["sources"]
-        ds = reg.get_dataset(name)
+        ds = datasets.get_dataset(name)
         assert ds.fingerprint() == entry["sha256"]
         assert (ds.channels, ds.image_size, ds.num_classes) == (1, (28, 28), 10)
         arrays = {}
@@ -525,15 +524,15 @@ def test_embedded_subsets():
             assert counts.min() >= 0.07 * n and counts.max() <= 0.13 * n  # every class present
             arrays[f"x_{split}"], arrays[f"y_{split}"] = got.images[..., 0], got.labels
         assert formats.arrays_sha256(arrays) == entry["content_sha256"]
-        assert reg.channel_stats(ds.load("train").images) == (ds.mean, ds.std)
-    assert reg.get_dataset("animal-mnist-mini").classes[5] == "elephant"
-    assert reg.get_dataset("fashion-mnist-mini").classes[1] == "Trouser"
+        assert datasets.channel_stats(ds.load("train").images) == (ds.mean, ds.std)
+    assert datasets.get_dataset("animal-mnist-mini").classes[5] == "elephant"
+    assert datasets.get_dataset("fashion-mnist-mini").classes[1] == "Trouser"
     total = sum(e["bytes"] for e in manifest["datasets"].values())
     assert total < 5_000_000
 
 
 def test_embedded_animal_train_test_disjoint():
-    ds = reg.get_dataset("animal-mnist-mini")
+    ds = datasets.get_dataset("animal-mnist-mini")
     train = {img.tobytes() for img in ds.load("train").images}
     test = {img.tobytes() for img in ds.load("test").images}
     assert len(train) == 3000 and len(test) == 1000 and not train & test
@@ -541,19 +540,19 @@ def test_embedded_animal_train_test_disjoint():
 
 def test_tampered_embedded_file(tmp_path, monkeypatch):
     copy = tmp_path / "embedded"
-    shutil.copytree(reg.EMBEDDED_DIR, copy)
+    shutil.copytree(datasets.EMBEDDED_DIR, copy)
     path = copy / "mnist-mini.npz"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
-    monkeypatch.setattr(reg, "EMBEDDED_DIR", copy)
-    ds = reg.get_dataset("mnist-mini")
+    monkeypatch.setattr(datasets.embedded, "EMBEDDED_DIR", copy)
+    ds = datasets.get_dataset("mnist-mini")
     with pytest.raises(DatasetNotFound, match="mnist-mini.npz is corrupt"):
         ds.load("train")
-    assert len(reg.get_dataset("fashion-mnist-mini").load("test")) == 1000  # others still fine
+    assert len(datasets.get_dataset("fashion-mnist-mini").load("test")) == 1000  # others still fine
     path.unlink()
     with pytest.raises(DatasetNotFound, match="mnist-mini.npz"):
-        reg.get_dataset("mnist-mini")
+        datasets.get_dataset("mnist-mini")
 
 
 def test_deterministic_npz_writer(tmp_path):
@@ -616,14 +615,14 @@ def test_shared_files_match_sha256sums(shared_data):
 
 def test_builder_reproduces_embedded(shared_data, tmp_path):
     manifest = _load_builder().build_all(shared_data, tmp_path, seed=0)
-    shipped = json.loads((reg.EMBEDDED_DIR / reg.MANIFEST_NAME).read_text())
+    shipped = json.loads((datasets.EMBEDDED_DIR / datasets.MANIFEST_NAME).read_text())
     assert manifest == shipped
     for name in MINIS:
         entry = shipped["datasets"][name]
         built = (tmp_path / entry["file"]).read_bytes()
-        assert built == (reg.EMBEDDED_DIR / entry["file"]).read_bytes()
-    assert (tmp_path / reg.MANIFEST_NAME).read_bytes() == (
-        reg.EMBEDDED_DIR / reg.MANIFEST_NAME
+        assert built == (datasets.EMBEDDED_DIR / entry["file"]).read_bytes()
+    assert (tmp_path / datasets.MANIFEST_NAME).read_bytes() == (
+        datasets.EMBEDDED_DIR / datasets.MANIFEST_NAME
     ).read_bytes()
 
 
@@ -632,9 +631,9 @@ def test_fashion_idx_download_from_file_mirror(tmp_path, monkeypatch):
     data = write_idx_set(staging, gz=True)
     md5s = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in staging.iterdir()}
     dead = (tmp_path / "dead").as_uri() + "/"  # first mirror fails, the second serves
-    monkeypatch.setattr(reg, "FASHION_MIRRORS", [dead, staging.as_uri() + "/"])
-    monkeypatch.setattr(reg, "FASHION_MD5", md5s)
-    ds = reg.get_dataset("fashion-mnist", data_root=tmp_path / "root", download=True)
+    monkeypatch.setattr(datasets.mnist, "FASHION_MIRRORS", [dead, staging.as_uri() + "/"])
+    monkeypatch.setattr(datasets.mnist, "FASHION_MD5", md5s)
+    ds = datasets.get_dataset("fashion-mnist", data_root=tmp_path / "root", download=True)
     assert np.array_equal(ds.load("train").images[..., 0], data["train"][0])
     with pytest.raises(DatasetNotFound, match="fashion-mnist"):
-        reg.get_dataset("fashion-mnist", data_root=tmp_path / "other", download=False)
+        datasets.get_dataset("fashion-mnist", data_root=tmp_path / "other", download=False)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mlfd.data import datasets, formats
 from mlfd.data import download as dl
-from mlfd.data import formats
-from mlfd.data import registry as reg
 from mlfd.errors import DatasetNotFound, MlfdError
 
 
@@ -51,7 +50,7 @@ def make_tiny(root: Path) -> Path:
 
 def test_tinyimagenet_layout(tmp_path):
     folder = make_tiny(tmp_path)
-    ds = reg.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
     assert ds.classes == ["goldfish, Carassius auratus", "cat", "n03"]  # n01, n02, n03
     assert (ds.channels, ds.image_size, ds.splits()) == (3, (64, 64), ["train", "test"])
     assert ds.mean == (0.485, 0.456, 0.406) and ds.std == (0.229, 0.224, 0.225)
@@ -67,21 +66,23 @@ def test_tinyimagenet_layout(tmp_path):
     assert Path(test.files[1]) == (folder / "val" / "images" / "val_1.JPEG").resolve()
     fp = ds.fingerprint()
     assert len(fp) == 64
-    assert reg.get_dataset("tinyimagenet", data_root=tmp_path, download=False).fingerprint() == fp
+    again = datasets.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
+    assert again.fingerprint() == fp
     save_image(folder / "val" / "images" / "val_0.JPEG", 99, size=(64, 64))
-    assert reg.get_dataset("tinyimagenet", data_root=tmp_path, download=False).fingerprint() != fp
+    again = datasets.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
+    assert again.fingerprint() != fp
 
 
 def test_tinyimagenet_duplicate_names_stay_distinct(tmp_path):
     folder = make_tiny(tmp_path)
     (folder / "words.txt").write_text("n01\tcrane\nn02\tcrane\n")
-    ds = reg.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
     assert ds.classes == ["crane (n01)", "crane (n02)", "n03"]
 
 
 def test_tinyimagenet_missing_names_the_folder(tmp_path):
     with pytest.raises(DatasetNotFound) as err:
-        reg.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
+        datasets.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
     message = str(err.value)
     assert str(tmp_path / "tiny-imagenet-200") in message and "wnids.txt" in message
     assert "MLFD_DATA" in message and "download" in message and "\n" not in message
@@ -91,11 +92,11 @@ def test_tinyimagenet_bad_annotations_and_missing_images(tmp_path):
     folder = make_tiny(tmp_path)
     annotations = folder / "val" / "val_annotations.txt"
     annotations.write_text("val_0.JPEG\tn09\t0\t0\t1\t1\n")
-    ds = reg.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
     with pytest.raises(DatasetNotFound, match="'n09' is not in wnids.txt"):
         ds.load("test")
     annotations.write_text("val_7.JPEG\tn01\t0\t0\t1\t1\n")
-    ds = reg.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
+    ds = datasets.get_dataset("tinyimagenet", data_root=tmp_path, download=False)
     with pytest.raises(DatasetNotFound, match="val_7.JPEG"):
         ds.load("test")
     for f in (folder / "train" / "n02" / "images").iterdir():
@@ -111,9 +112,9 @@ def test_tinyimagenet_download_from_file_url(tmp_path, monkeypatch):
     with zipfile.ZipFile(archive, "w") as zf:
         for f in sorted((staging / "tiny-imagenet-200").rglob("*")):
             zf.write(f, f.relative_to(staging).as_posix())
-    monkeypatch.setattr(reg, "TINYIMAGENET_URL", archive.as_uri())
+    monkeypatch.setattr(datasets.tinyimagenet, "TINYIMAGENET_URL", archive.as_uri())
     root = tmp_path / "root"
-    ds = reg.get_dataset("tinyimagenet", data_root=root, download=True)
+    ds = datasets.get_dataset("tinyimagenet", data_root=root, download=True)
     assert len(ds.load("train")) == 9 and len(ds.load("test")) == 3
     assert ds.load("test").labels.tolist() == [1, 2, 0]
     assert not (root / "tiny-imagenet-200.zip").exists()  # archive dropped after extraction
@@ -167,9 +168,9 @@ def test_imagenet_sketch_split(tmp_path):
     root_a, root_b = tmp_path / "a", tmp_path / "b"
     make_sketch(root_a / "imagenet-sketch" / "sketch", ["n01", "n02", "n03"])
     make_sketch(root_b / "imagenet-sketch", ["n03", "n01", "n02"])  # flat layout, other order
-    ds = reg.get_dataset("imagenet-sketch", data_root=root_a, download=False)
+    ds = datasets.get_dataset("imagenet-sketch", data_root=root_a, download=False)
     assert ds.classes == ["n01", "n02", "n03"] and ds.channels == 3
-    assert ds.image_size == (8, 8) and ds.mean == reg.IMAGENET_MEAN
+    assert ds.image_size == (8, 8) and ds.mean == datasets.IMAGENET_MEAN
     train, test = ds.load("train"), ds.load("test")
     assert len(train) + len(test) == 22 and len(test) == round(22 * 0.2)
     assert set(train.files).isdisjoint(test.files)
@@ -182,15 +183,15 @@ def test_imagenet_sketch_split(tmp_path):
     for split in (train, test):  # labels match the wnid folder of each file
         assert [ds.classes[y] for y in split.labels] == [Path(f).parent.name for f in split.files]
 
-    again = reg.get_dataset("imagenet-sketch", data_root=root_a, download=False)
-    other = reg.get_dataset("imagenet-sketch", data_root=root_b, download=False)
+    again = datasets.get_dataset("imagenet-sketch", data_root=root_a, download=False)
+    other = datasets.get_dataset("imagenet-sketch", data_root=root_b, download=False)
     assert split_names(again) == split_names(ds) == split_names(other)
     assert other.fingerprint() == ds.fingerprint()  # same bytes, same split
 
 
 def test_imagenet_sketch_missing_says_where(tmp_path):
     with pytest.raises(DatasetNotFound) as err:
-        reg.get_dataset("imagenet-sketch", data_root=tmp_path, download=True)
+        datasets.get_dataset("imagenet-sketch", data_root=tmp_path, download=True)
     message = str(err.value)
     assert str(tmp_path / "imagenet-sketch") in message and "sketch/<wnid>" in message
     assert "Hugging Face" in message and "Kaggle" in message and "\n" not in message
@@ -218,9 +219,9 @@ def test_csv_with_split_column_and_string_labels(tmp_path):
         "../img/c.png,bird,val\n"
         "../img/d.png,cat,train\n"
     )
-    ds = reg.get_dataset(str(listing))
+    ds = datasets.get_dataset(str(listing))
     assert ds.name == "pets" and ds.classes == ["bird", "cat", "dog"]
-    assert (ds.channels, ds.image_size) == (3, (5, 6)) and ds.mean == reg.IMAGENET_MEAN
+    assert (ds.channels, ds.image_size) == (3, (5, 6)) and ds.mean == datasets.IMAGENET_MEAN
     assert ds.splits() == ["train", "val", "test"]
     train = ds.load("train")
     assert [Path(f).name for f in train.files] == ["a.png", "b.png", "d.png"]
@@ -237,9 +238,9 @@ def test_csv_folder_with_int_labels(tmp_path):
     (folder / "train.csv").write_text("label,path,note\n3,pics/0.png,x\n0,pics/1.png,y\n")
     (folder / "test.csv").write_text("\ufeffPath,Label\npics/2.png,1\n")  # BOM + capitals
     (folder / "val.csv").write_text("path,label\npics/3.png,3\n")
-    ds = reg.get_dataset(folder)
+    ds = datasets.get_dataset(folder)
     assert ds.name == "digits" and ds.classes == ["0", "1", "2", "3"]
-    assert ds.channels == 1 and ds.mean == reg.IMAGENET_GRAY_MEAN
+    assert ds.channels == 1 and ds.mean == datasets.IMAGENET_GRAY_MEAN
     assert ds.splits() == ["train", "val", "test"]
     assert ds.load("train").labels.tolist() == [3, 0]
     assert ds.load("train").files[1] == str((folder / "pics" / "1.png").resolve())
@@ -261,7 +262,7 @@ def test_image_folder_still_wins_over_train_csv(tmp_path):
         save_image(root / "train" / cls / "x.png")
         save_image(root / "test" / cls / "y.png")
     (root / "train.csv").write_text("nonsense\n")
-    assert reg.get_dataset(root).classes == ["a", "b"]
+    assert datasets.get_dataset(root).classes == ["a", "b"]
 
 
 def _csv_error(tmp_path: Path, text: str) -> str:
@@ -269,7 +270,7 @@ def _csv_error(tmp_path: Path, text: str) -> str:
     listing = tmp_path / "list.csv"
     listing.write_text(text)
     with pytest.raises(DatasetNotFound) as err:
-        reg.get_dataset(listing)
+        datasets.get_dataset(listing)
     message = str(err.value)
     assert "\n" not in message
     return message
@@ -300,28 +301,28 @@ def test_csv_folder_errors(tmp_path):
     make_images(folder, ["a.png"])
     (folder / "train.csv").write_text("path,label\na.png,x\n")
     with pytest.raises(DatasetNotFound, match="no test.csv"):
-        reg.get_dataset(folder)
+        datasets.get_dataset(folder)
     (folder / "test.csv").write_text("path,label\n")
     with pytest.raises(DatasetNotFound, match=r"split 'test' is empty \(.*test.csv\)"):
-        reg.get_dataset(folder)
+        datasets.get_dataset(folder)
     (folder / "test.csv").write_text("path,label\nmissing.png,x\n")
     with pytest.raises(DatasetNotFound, match="missing.png"):
-        reg.get_dataset(folder)
+        datasets.get_dataset(folder)
     (folder / "test.csv").write_bytes(b"path,label\n\xff\xfe,x\n")
     with pytest.raises(DatasetNotFound, match="cannot read CSV"):
-        reg.get_dataset(folder)
+        datasets.get_dataset(folder)
 
 
 def test_unsupported_file_mentions_csv(tmp_path):
     other = tmp_path / "data.txt"
     other.write_text("x")
     with pytest.raises(DatasetNotFound, match=r"\.csv list"):
-        reg.get_dataset(other)
+        datasets.get_dataset(other)
     empty_dir = tmp_path / "nothing"
     empty_dir.mkdir()
     with pytest.raises(DatasetNotFound, match="train.csv and test.csv"):
-        reg.get_dataset(empty_dir)
+        datasets.get_dataset(empty_dir)
 
 
 def test_new_names_are_registered():
-    assert {"tinyimagenet", "imagenet-sketch"} <= set(reg.list_datasets())
+    assert {"tinyimagenet", "imagenet-sketch"} <= set(datasets.list_datasets())

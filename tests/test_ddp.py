@@ -27,8 +27,7 @@ import yaml
 from helpers import bad, make_npz, quiet, tree_snapshot
 from safetensors.torch import load_file
 
-from mlfd.cache import CacheGroup, store
-from mlfd.cache.store import shard_ranges
+from mlfd.cache import CacheGroup, layout, shard_ranges
 from mlfd.config import DatasetEntry, Experiment
 from mlfd.engine.metrics import read_jsonl
 from mlfd.errors import MlfdError
@@ -95,9 +94,9 @@ SMALL_SHARDS = {"CHUNK_BYTES": 1024, "SHARD_BYTES": 2048}
 SITE = """
 import os
 if "RANK" in os.environ:  # a rank, not the launcher
-    import mlfd.cache.store as store
+    import mlfd.cache.layout as layout
     from zarr.storage import LocalStore
-    store.CHUNK_BYTES, store.SHARD_BYTES = {CHUNK_BYTES}, {SHARD_BYTES}
+    layout.CHUNK_BYTES, layout.SHARD_BYTES = {CHUNK_BYTES}, {SHARD_BYTES}
     _log = os.path.join({writes!r}, "rank" + os.environ["RANK"] + ".txt")
     _set = LocalStore._set
 
@@ -119,7 +118,7 @@ def runs(tmp_path_factory):
     one, two = _workdir(root, "one"), _workdir(root, "two")
     with pytest.MonkeyPatch.context() as m:
         for k, v in SMALL_SHARDS.items():
-            m.setattr(store, k, v)
+            m.setattr(layout, k, v)
         assert _one_thread("distill", "--workdir", one, "--dataset", "alpha", *LOCAL) == 0
     site, writes = root / "site", root / "writes"
     site.mkdir()
@@ -284,7 +283,7 @@ def extracted_by_one(runs):
     shutil.copytree(two, ref)
     with pytest.MonkeyPatch.context() as m:
         for k, v in SMALL_SHARDS.items():
-            m.setattr(store, k, v)
+            m.setattr(layout, k, v)
         assert _one_thread("cache", "--workdir", ref, "--levels", 1, "--force", *LOCAL) == 0
     return ref
 
@@ -389,8 +388,8 @@ def test_shard_ranges_refuse_nonsense():
 @pytest.fixture
 def small_shards(monkeypatch):
     """Array a (n, 3) float32: 10 rows per shard; b (n, 2, 2) float16: 16; labels: 16."""
-    monkeypatch.setattr(store, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(store, "SHARD_BYTES", 128)
+    monkeypatch.setattr(layout, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(layout, "SHARD_BYTES", 128)
 
 
 def _data(n=50):

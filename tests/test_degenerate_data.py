@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mlfd.data import registry as reg
+from mlfd.data import datasets
 from mlfd.engine.metrics import Accuracy, topk_correct
 from mlfd.errors import MlfdError
 
@@ -38,7 +38,7 @@ def write_npz(path: Path, y_train, y_test, **extra) -> Path:
 def test_one_class_npz_is_refused(tmp_path):
     path = write_npz(tmp_path / "one.npz", [0, 0, 0], [0])
     with pytest.raises(MlfdError, match="at least 2") as err:
-        reg.get_dataset(path)
+        datasets.get_dataset(path)
     message = str(err.value)
     assert "has 1 class;" in message and str(path) in message and "\n" not in message
 
@@ -46,24 +46,24 @@ def test_one_class_npz_is_refused(tmp_path):
 def test_one_class_npz_with_class_names_is_refused(tmp_path):
     path = write_npz(tmp_path / "named.npz", [0, 0], [0], classes=np.array(["cat"]))
     with pytest.raises(MlfdError, match="has 1 class; classification needs at least 2"):
-        reg.get_dataset(path)
+        datasets.get_dataset(path)
 
 
 def test_npz_train_labels_of_one_class_are_refused(tmp_path):
     # Two classes overall (test has a 1), but the train split only ever shows class 0.
     path = write_npz(tmp_path / "skewed.npz", [0, 0, 0], [0, 1])
     with pytest.raises(MlfdError, match="at least 2") as err:
-        reg.get_dataset(path)
+        datasets.get_dataset(path)
     message = str(err.value)
     assert str(path) in message and "1 class in y_train (2 declared)" in message
     # Same when the file declares class names that the train labels do not cover.
     named = write_npz(tmp_path / "named2.npz", [1, 1], [0, 1], classes=np.array(["a", "b"]))
     with pytest.raises(MlfdError, match="1 class in y_train"):
-        reg.get_dataset(named)
+        datasets.get_dataset(named)
 
 
 def test_two_class_npz_is_accepted(tmp_path):
-    ds = reg.get_dataset(write_npz(tmp_path / "two.npz", [0, 1, 1], [1]))
+    ds = datasets.get_dataset(write_npz(tmp_path / "two.npz", [0, 1, 1], [1]))
     assert ds.num_classes == 2 and ds.load("train").labels.tolist() == [0, 1, 1]
 
 
@@ -73,7 +73,7 @@ def test_one_class_image_folder_is_refused(tmp_path):
     save_png(root / "train" / "only" / "b.png")
     save_png(root / "test" / "only" / "c.png")
     with pytest.raises(MlfdError, match="at least 2") as err:
-        reg.get_dataset(root)
+        datasets.get_dataset(root)
     message = str(err.value)
     assert "has 1 class;" in message and str(root.resolve()) in message and "\n" not in message
 
@@ -83,7 +83,7 @@ def test_two_class_image_folder_is_accepted(tmp_path):
     for split in ("train", "test"):
         for cls in ("a", "b"):
             save_png(root / split / cls / "x.png")
-    assert reg.get_dataset(root).classes == ["a", "b"]
+    assert datasets.get_dataset(root).classes == ["a", "b"]
 
 
 def test_one_class_csv_list_is_refused(tmp_path):
@@ -92,13 +92,14 @@ def test_one_class_csv_list_is_refused(tmp_path):
     listing = tmp_path / "one.csv"
     listing.write_text("path,label,split\nimg/a.png,dog,train\nimg/b.png,dog,test\n")
     with pytest.raises(MlfdError, match="has 1 class; classification needs at least 2"):
-        reg.get_dataset(listing)
+        datasets.get_dataset(listing)
 
 
 def test_dataset_built_directly_is_checked():
-    split = reg.Split(labels=[0], images=np.zeros((1, 2, 2, 1), np.uint8))
+    split = datasets.Split(labels=[0], images=np.zeros((1, 2, 2, 1), np.uint8))
     with pytest.raises(MlfdError, match="'toy' has 0 classes; classification needs at least 2"):
-        reg.Dataset("toy", [], 1, (2, 2), (0.5,), (0.5,), "toy", "none", loader=lambda s: split)
+        datasets.Dataset("toy", [], 1, (2, 2), (0.5,), (0.5,), "toy", "none",
+                         loader=lambda s: split)
 
 
 # ----------------------------------------------------------------------------- accuracy

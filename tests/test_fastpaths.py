@@ -1,8 +1,9 @@
 """Fast paths that check themselves (issue 23): the check, its cache, auto's fallbacks.
 
 No GPU here: a CUDA machine is simulated by making every device "need the check"
-(fastpaths.needs_check); the check itself then runs on this CPU (the Triton kernel under
-the interpreter, DALI in CPU mode) and each failure is brought about by a monkeypatch.
+(mlfd.fastpaths.environment, where every caller looks machine facts up); the check itself
+then runs on this CPU (the Triton kernel under the interpreter, DALI in CPU mode) and each
+failure is brought about by a monkeypatch.
 """
 
 import json
@@ -15,6 +16,7 @@ from packaging.requirements import Requirement
 
 import mlfd.fastpaths as fastpaths
 import mlfd.fastpaths.checks as fastchecks
+import mlfd.fastpaths.environment as environment
 from mlfd.engine.metrics import read_jsonl
 from mlfd.losses.kd import kd_loss_reference, resolve_backend
 from mlfd.stages.common import RunOptions
@@ -49,7 +51,7 @@ def checks(monkeypatch):
 @pytest.fixture
 def cuda_like(monkeypatch):
     """Decide as on a CUDA machine: auto and explicit choices go by the check."""
-    monkeypatch.setattr(fastpaths, "needs_check", lambda device: True)
+    monkeypatch.setattr(environment, "needs_check", lambda device: True)
 
 
 def stub(monkeypatch, *paths):
@@ -85,7 +87,7 @@ def recorded(ws) -> tuple[dict, list[dict]]:
 # ---- the check on this machine, and its cache ------------------------------------------------
 
 def test_info_check_runs_once_per_environment(capsys, checks, cache):
-    from mlfd.data.pipeline import dali_available
+    from mlfd.data.pipelines import dali_available
 
     code, out, err = run(capsys, "info", "--check", "--json")
     assert code == 0, err
@@ -120,7 +122,7 @@ def test_cpu_runs_need_no_check(checks, cache):
     opts = RunOptions(device=CPU)
     assert fastpaths.loss_backend(opts, "auto") == "torch"
     assert fastpaths.precision(opts) == "fp32"
-    from mlfd.data.pipeline import resolve_pipeline
+    from mlfd.data.pipelines import resolve_pipeline
 
     assert fastpaths.pipeline_backend(opts) == resolve_pipeline("auto")
     assert checks == [] and not cache.exists()
@@ -231,8 +233,8 @@ def test_dali_gpu_build_that_raises_falls_back_to_dali_cpu(ws, capsys, monkeypat
                                                            checks):
     pytest.importorskip("nvidia.dali")
     # as if CUDA and the driver were fine: the GPU pipeline is built, and raises here
-    monkeypatch.setattr(fastpaths, "driver_cuda_version", lambda: (13, 0))
-    monkeypatch.setattr(fastpaths, "dali_wheels", lambda: {"nvidia-dali-cuda130": "2.4.0"})
+    monkeypatch.setattr(environment, "driver_cuda_version", lambda: (13, 0))
+    monkeypatch.setattr(environment, "dali_wheels", lambda: {"nvidia-dali-cuda130": "2.4.0"})
     monkeypatch.setattr(fastchecks, "_dali_gpu_blocked", lambda path, device, rows: None)
     stub(monkeypatch, "triton", "bf16", "fp16")
     code, out, err = distill(capsys, ws, "--loss-backend", "torch", "--precision", "fp32")
@@ -253,8 +255,8 @@ def test_dali_gpu_build_that_raises_falls_back_to_dali_cpu(ws, capsys, monkeypat
 
 def test_an_old_driver_decodes_on_the_cpu(ws, capsys, monkeypatch, cuda_like, checks):
     pytest.importorskip("nvidia.dali")
-    monkeypatch.setattr(fastpaths, "driver_cuda_version", lambda: (12, 4))
-    monkeypatch.setattr(fastpaths, "dali_wheels", lambda: {"nvidia-dali-cuda130": "2.4.0"})
+    monkeypatch.setattr(environment, "driver_cuda_version", lambda: (12, 4))
+    monkeypatch.setattr(environment, "dali_wheels", lambda: {"nvidia-dali-cuda130": "2.4.0"})
     stub(monkeypatch, "triton", "bf16", "fp16")
     code, out, err = run(capsys, "eval", "--workdir", ws, "--device", "cpu", "--json")
     assert code == 0, err
@@ -321,12 +323,12 @@ class _Dist:
 
 
 def test_two_dali_wheels_are_found_and_reported(monkeypatch, capsys):
-    monkeypatch.setattr(fastpaths.metadata, "distributions", lambda: [
+    monkeypatch.setattr(environment.metadata, "distributions", lambda: [
         _Dist("nvidia-dali-cuda130", "2.4.0"), _Dist("numpy", "2.0"),
         _Dist("nvidia_dali_cuda120", "2.4.0")])
     assert fastpaths.dali_wheels() == {"nvidia-dali-cuda120": "2.4.0",
                                        "nvidia-dali-cuda130": "2.4.0"}
-    monkeypatch.setattr(fastpaths, "driver_cuda_version", lambda: (12, 8))
+    monkeypatch.setattr(environment, "driver_cuda_version", lambda: (12, 8))
     row = fastchecks.probe_dali_driver(CPU, {})
     assert row["status"] == "failed" and "two DALI wheels" in row["detail"]
     assert row["fix"] == "pip uninstall -y nvidia-dali-cuda130 (keep nvidia-dali-cuda120)"

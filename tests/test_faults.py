@@ -292,15 +292,15 @@ def test_cache_extraction_resumes_at_shard(ws, capsys, monkeypatch):
     """An interrupted extraction continues from its last whole shard, with equal values."""
     import zarr
 
-    import mlfd.cache.store as store
+    from mlfd.cache import CacheWriter, layout
 
     g = ws / "cache/teachers-L2.zarr/alpha/train"
     before = zarr.open_group(str(g), mode="r")["alpha"][...]
-    monkeypatch.setattr(store, "CHUNK_BYTES", 4096)  # several chunks even for tiny data
-    monkeypatch.setattr(store, "SHARD_BYTES", 8192)  # and several shards of two chunks
+    monkeypatch.setattr(layout, "CHUNK_BYTES", 4096)  # several chunks even for tiny data
+    monkeypatch.setattr(layout, "SHARD_BYTES", 8192)  # and several shards of two chunks
     edit_experiment(ws, "cache", batch_size=16)  # and several batches per group
     calls = {"n": 0}
-    original = store.CacheWriter.append
+    original = CacheWriter.append
 
     def append(self, name, values, start=None):
         calls["n"] += 1
@@ -309,19 +309,19 @@ def test_cache_extraction_resumes_at_shard(ws, capsys, monkeypatch):
         return original(self, name, values, start)
 
     with monkeypatch.context() as m:
-        m.setattr(store.CacheWriter, "append", append)
+        m.setattr(CacheWriter, "append", append)
         code, _, err = run(capsys, "cache", "--workdir", ws, "--levels", 2, "--force", *LOCAL)
     assert code == 130 and "resumes its extraction at the last complete shard" in err
     assert CacheGroup(g, {}).status() != "missing"  # the finished group is still there
     seen = {}
-    original_begin = store.CacheGroup.begin
+    original_begin = CacheGroup.begin
 
     def begin(self, arrays, restart=False):
         writer = original_begin(self, arrays, restart)
         seen[self.path.relative_to(ws).as_posix()] = {k: writer.cursor(k) for k in arrays}
         return writer
 
-    monkeypatch.setattr(store.CacheGroup, "begin", begin)
+    monkeypatch.setattr(CacheGroup, "begin", begin)
     code, _, err = run(capsys, "cache", "--workdir", ws, "--levels", 2, "--force", *LOCAL)
     assert code == 0, err
     resumed = seen["cache/teachers-L2.zarr/alpha/train"]

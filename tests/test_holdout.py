@@ -7,7 +7,7 @@ import pytest
 import yaml
 from helpers import ARCHS, TINY, bad, make_npz, run
 
-from mlfd.data.registry import Dataset, Split, holdout_indices, with_holdout
+from mlfd.data.datasets import Dataset, Split, holdout_indices, with_holdout
 from mlfd.errors import MlfdError
 
 

@@ -1,6 +1,6 @@
 """Replayable AutoAugment: decisions from (seed, index, view), the same pixels in any batch.
 
-Contract (mlfd/data/auto_augment.py, pipeline.py, dali_pipeline.py): the random choices
+Contract (mlfd/data/auto_augment.py, mlfd/data/pipelines/): the random choices
 are drawn on the host per (seed, index, view); both backends apply the resulting steps,
 the torch backend with torchvision's functional ops (the reference) and DALI with
 operators rebuilt to the same arithmetic; view 0 is never augmented.
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mlfd.data import auto_augment as aa
-from mlfd.data.pipeline import InputSpec, TorchPipeline
-from mlfd.data.registry import Split
+from mlfd.data.datasets import Split
+from mlfd.data.pipelines import InputSpec, TorchPipeline
 from mlfd.data.views import ViewConfig
 
 SEED = 5
@@ -45,7 +45,7 @@ def _levels(x):
 @pytest.fixture(scope="module")
 def dali():
     pytest.importorskip("nvidia.dali")  # environment guard: DALI is a Linux-only dependency
-    from mlfd.data.dali_pipeline import DaliPipeline
+    from mlfd.data.pipelines.dali import DaliPipeline
 
     return DaliPipeline
 

@@ -13,10 +13,9 @@ import pytest
 from helpers import bad, make_npz, run
 from PIL import Image
 
-from mlfd.data import formats
-from mlfd.data import registry as reg
-from mlfd.data.pipeline import InputSpec, TorchPipeline
-from mlfd.data.registry import Split
+from mlfd.data import datasets, formats
+from mlfd.data.datasets import Split
+from mlfd.data.pipelines import InputSpec, TorchPipeline
 from mlfd.data.sampling import eval_order
 from mlfd.errors import MlfdError
 
@@ -36,7 +35,7 @@ def pipelines():
     """Both backends (DALI runs in its CPU mode here)."""
     out = [TorchPipeline]
     try:
-        from mlfd.data.dali_pipeline import DaliPipeline
+        from mlfd.data.pipelines.dali import DaliPipeline
     except ImportError:  # DALI is a Linux-only dependency
         return out
     return [*out, DaliPipeline]
@@ -114,7 +113,7 @@ def test_zero_byte_image_stops_distill_then_skip_goes_on(tmp_path, capsys):
     assert "[scan] digits: skipped 1 unreadable image of 19 (--skip-bad-images" in err
     assert (w / "students" / "digits" / "L1" / "last.safetensors").exists()
     teacher = json.loads((w / "teachers" / "digits" / "last.json").read_text())
-    ds = reg.get_dataset(data)
+    ds = datasets.get_dataset(data)
     assert len(ds.load("train")) == 13  # the zero-byte file is listed, the litter is not
     assert teacher["dataset_fingerprint"] != ds.fingerprint()  # the skip is in its data
 
@@ -205,7 +204,7 @@ def test_hidden_files_and_other_extensions_are_not_images(tmp_path):
     (data / "train" / "__MACOSX").mkdir()
     (data / "train" / "__MACOSX" / "._left").write_bytes(b"\0")
     (data / "test" / "__MACOSX").mkdir()
-    ds = reg.get_dataset(data)
+    ds = datasets.get_dataset(data)
     assert ds.classes == ["left", "right"]
     assert [Path(f).name for f in ds.load("train").files] == ["0.png", "1.png"] * 2
 
@@ -215,16 +214,16 @@ def test_empty_class_folders_refused_or_dropped(tmp_path):
     (data / "train" / "a_void").mkdir()
     (data / "test" / "a_void").mkdir()
     with pytest.raises(MlfdError, match="a_void has no images.*--drop-empty-classes"):
-        reg.get_dataset(data)
+        datasets.get_dataset(data)
     formats.set_image_policy(drop_empty_classes=True)
-    ds = reg.get_dataset(data)
+    ds = datasets.get_dataset(data)
     assert ds.classes == ["left", "right"] and ds.num_classes == 2
     assert ds.load("train").labels.tolist() == [0, 0, 1, 1]
     assert ds.load("test").labels.tolist() == [0, 1]
 
     # Dropped from test only: the test labels still index train's classes.
     (data / "train" / "a_void" / "0.png").write_bytes((data / "train/left/0.png").read_bytes())
-    ds = reg.get_dataset(data)
+    ds = datasets.get_dataset(data)
     assert ds.classes == ["a_void", "left", "right"]
     assert ds.load("test").labels.tolist() == [1, 2]
 
@@ -232,11 +231,11 @@ def test_empty_class_folders_refused_or_dropped(tmp_path):
     (data / "train" / "a_void" / "0.png").unlink()
     (data / "test" / "a_void" / "0.png").write_bytes((data / "test/left/0.png").read_bytes())
     with pytest.raises(MlfdError, match="'a_void' has images in test/ but none in train/"):
-        reg.get_dataset(data)
+        datasets.get_dataset(data)
 
 
 def test_excluded_rows_leave_the_split_and_change_the_fingerprint(tmp_path):
-    ds = reg.get_dataset(image_folder(tmp_path / "d", train=3, test=1))
+    ds = datasets.get_dataset(image_folder(tmp_path / "d", train=3, test=1))
     full = ds.fingerprint()
     ds.exclude({"train": [1, 4]})
     assert len(ds.load("train")) == 4 and len(ds.load_all("train")) == 6
@@ -291,7 +290,7 @@ def test_fixed_size_dataset_refuses_other_sizes(tmp_path):
     files = [str(write_png(tmp_path / f"{i}.png", np.zeros(shape)))
              for i, shape in enumerate([(8, 8), (8, 9), (8, 8, 3)])]
     split = Split(labels=[0, 1, 1], files=files)
-    ds = reg.Dataset(name="t", classes=["a", "b"], channels=3, image_size=(8, 8),
+    ds = datasets.Dataset(name="t", classes=["a", "b"], channels=3, image_size=(8, 8),
                      mean=(0.5,), std=(0.5,), source=str(tmp_path), license="-",
                      loader={"train": split, "test": split}.__getitem__, fixed_size=True)
     images, found = _decode_all("t", ds)

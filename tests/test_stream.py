@@ -11,7 +11,7 @@ import torch
 import zarr
 from helpers import LOCAL, bad, edit_experiment, run
 
-from mlfd.cache import CacheGroup, store
+from mlfd.cache import CacheGroup, layout
 from mlfd.cache.stream import (
     EpochStream,
     TargetStream,
@@ -419,8 +419,8 @@ def test_a_streamed_epoch_reads_one_view_of_each_chunk_from_disk(tmp_path, monke
     bytes in one view only, 1/V of the array, where whole rows fetch all of it."""
     from zarr.storage import LocalStore
 
-    monkeypatch.setattr(store, "CHUNK_BYTES", 512)  # 4 rows of a view per chunk
-    monkeypatch.setattr(store, "SHARD_BYTES", 512 * 4 * 4)  # 4 chunk rows per shard
+    monkeypatch.setattr(layout, "CHUNK_BYTES", 512)  # 4 rows of a view per chunk
+    monkeypatch.setattr(layout, "SHARD_BYTES", 512 * 4 * 4)  # 4 chunk rows per shard
     n, V = 64, 4
     values = np.random.default_rng(0).standard_normal((n, V, 8, 4, 2)).astype(np.float16)
     group = CacheGroup(tmp_path / "t", {"x": 1})
@@ -469,7 +469,7 @@ def _damage_middle_chunk(array_dir):
 
 
 def test_damaged_chunk_surfaces_as_one_line_corrupt_artifact(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "CHUNK_BYTES", 128)  # a few rows per chunk: many chunks
+    monkeypatch.setattr(layout, "CHUNK_BYTES", 128)  # a few rows per chunk: many chunks
     rng = np.random.default_rng(0)
     n, V = 60, 2
     logits = rng.standard_normal((n, V, 8)).astype(np.float16)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlfd.data.pipeline import InputSpec, TorchPipeline, build_pipeline
-from mlfd.data.registry import Split
+from mlfd.data.datasets import Split
+from mlfd.data.pipelines import InputSpec, TorchPipeline, build_pipeline
 from mlfd.data.sampling import eval_order, shard_indices, train_order
 from mlfd.data.views import ViewConfig, view_params
 
@@ -30,7 +30,7 @@ def test_crop_and_flip_match_a_manual_crop():
     # A crop box on integer pixels with the output at the crop's own size is an exact copy.
     sp = _split(n=1, h=9, w=9, c=3)
     spec = InputSpec(size=(4, 5), channels=3, mean=(0.0,), std=(1.0,))
-    from mlfd.data.pipeline import render
+    from mlfd.data.pipelines import render
 
     x = render(torch.from_numpy(sp.images), [2.0], [3.0], [4.0], [5.0], [True], spec)
     crop = torch.from_numpy(sp.images[0, 2:6, 3:8]).permute(2, 0, 1).float() / 255

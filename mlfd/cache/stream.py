@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ..errors import CorruptArtifact, MlfdError
-from . import store
-from .store import DECODE_ERRORS
+from .integrity import DECODE_ERRORS
+from .layout import to_tensor
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -420,8 +420,7 @@ class EpochStream(_StreamBase):
 
 
 def _to_tensor(values: np.ndarray, logical: str | None) -> torch.Tensor:
-    """The store's conversion where it has one (bfloat16 kept as uint16 on disk)."""
-    convert = getattr(store, "to_tensor", None)
-    if convert is not None and logical is not None:
-        return convert(values, logical)
+    """The store's conversion where the dtype is known (bfloat16 kept as uint16 on disk)."""
+    if logical is not None:
+        return to_tensor(values, logical)
     return torch.from_numpy(values)

@@ -11,10 +11,10 @@ Every random decision is drawn here, on the host, from the counter-based RNG of
 views.py keyed by (seed, sample index, view id), so a decision never depends on the
 batch a sample lands in or on the order of the pass. :func:`draw` makes the decisions,
 :func:`resolve` turns them into concrete steps (op, parameter) at the augmented image's
-size, and each backend applies those steps: pipeline.py with torchvision's functional
-ops, dali_pipeline.py with DALI operators built to the same arithmetic. A view > 0 thus
-replays exactly in any run, stage and backend; view 0 (the clean view) is never
-augmented.
+size, and each backend applies those steps: pipelines/torch_pipeline.py with
+torchvision's functional ops, pipelines/dali_augment.py with DALI operators built to
+the same arithmetic. A view > 0 thus replays exactly in any run, stage and backend;
+view 0 (the clean view) is never augmented.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 Every probe returns one row ``{"path", "name", "status", "detail", "fix"}`` with status
 ``ok``, ``failed`` (with its one-line cause) or ``unavailable`` (with the reason). A probe
 that raises is a failure of its path, never of the check. ``PROBES`` maps row ids (see
-:data:`mlfd.fastpaths.PATHS`) to probes; each gets the device and the rows so far (the
-DALI GPU probes need the driver's row). The global RNGs are left as they were.
+:data:`mlfd.fastpaths.environment.PATHS`) to probes; each gets the device and the rows so
+far (the DALI GPU probes need the driver's row). The global RNGs are left as they were.
+
+Machine facts (wheels, driver, device name) come from :mod:`mlfd.fastpaths.environment`,
+looked up by attribute there; this module imports no other part of mlfd.fastpaths.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-import mlfd.fastpaths as fp  # its functions by attribute: tests simulate a machine there
-
-from . import PATHS, wheel_cuda_major
+from . import environment  # by attribute: a test that patches it simulates a machine
 
 
 class Mismatch(Exception):
@@ -27,7 +28,8 @@ class Mismatch(Exception):
 
 
 def _row(path: str, status: str, detail: str, fix: str | None = None) -> dict:
-    return {"path": path, "name": PATHS[path], "status": status, "detail": detail, "fix": fix}
+    return {"path": path, "name": environment.PATHS[path], "status": status, "detail": detail,
+            "fix": fix}
 
 
 def cause(e: BaseException) -> str:
@@ -91,7 +93,8 @@ def compare_loss(backend: str, device: torch.device, rtol: float = 1e-4) -> str:
         _close(f"the {k} term", terms[k], v, rtol)
     for name, g, r in zip(["student logits", "L1", "L2"], grads, ref_grads, strict=True):
         _close(f"the gradient of the {name}", g, r, rtol)
-    return f"loss, {len(ref_terms)} terms and 3 gradients match the torch loss (B=16, C=100, 2 levels)"
+    return (f"loss, {len(ref_terms)} terms and 3 gradients match the torch loss "
+            "(B=16, C=100, 2 levels)")
 
 
 def probe_triton(device: torch.device, rows: dict) -> dict:
@@ -124,11 +127,11 @@ def install_hint(driver: tuple[int, int] | None) -> str:
 
 
 def probe_dali_driver(device: torch.device, rows: dict) -> dict:
-    wheels = fp.dali_wheels()
-    drv = fp.driver_cuda_version()
+    wheels = environment.dali_wheels()
+    drv = environment.driver_cuda_version()
     if len(wheels) > 1:
         listed = ", ".join(f"{n} {v}" for n, v in wheels.items())
-        keep = next((n for n in wheels if drv and wheel_cuda_major(n) == drv[0]), None)
+        keep = next((n for n in wheels if drv and environment.wheel_cuda_major(n) == drv[0]), None)
         drop = [n for n in wheels if n != keep] if keep else list(wheels)
         fix = f"pip uninstall -y {' '.join(drop)}" + (f" (keep {keep})" if keep else "") + \
             ("" if keep else f", then {install_hint(drv)}")
@@ -138,7 +141,7 @@ def probe_dali_driver(device: torch.device, rows: dict) -> dict:
         return _row("dali_driver", "unavailable", "nvidia-dali is not installed",
                     install_hint(drv) + " to decode on the GPU")
     name = next(iter(wheels))
-    major = wheel_cuda_major(name)
+    major = environment.wheel_cuda_major(name)
     if drv is None:
         return _row("dali_driver", "unavailable",
                     f"no CUDA driver ({name} is built for CUDA {major})")
@@ -158,7 +161,7 @@ def _embedded_images(n: int = 4) -> np.ndarray:
     one per channel (colour exercises chroma), upscaled to 56 px (several JPEG blocks)."""
     from PIL import Image
 
-    from ..data.registry import get_dataset
+    from ..data.datasets import get_dataset
 
     planes = [get_dataset(name).load("test").images[:n]
               for name in ("mnist-mini", "fashion-mnist-mini", "animal-mnist-mini")]
@@ -168,7 +171,7 @@ def _embedded_images(n: int = 4) -> np.ndarray:
 
 
 def _pipeline_output(kind: str, split, device: str) -> torch.Tensor:
-    from ..data.pipeline import PIPELINES, InputSpec, TorchPipeline, dali_available
+    from ..data.pipelines import PIPELINES, InputSpec, TorchPipeline, dali_available
 
     spec = InputSpec(size=(40, 40), channels=3, mean=(0.5, 0.45, 0.4), std=(0.25, 0.25, 0.25))
     n = len(split.labels)
@@ -208,12 +211,12 @@ def _files(images: np.ndarray, folder: str, fmt: str) -> list[str]:
 
 
 def _dali_missing() -> str | None:
-    from ..data.pipeline import dali_available
+    from ..data.pipelines import dali_available
 
     if dali_available():
         return None
     try:
-        from ..data import dali_pipeline  # noqa: F401
+        from ..data.pipelines import dali  # noqa: F401
     except Exception as e:  # the reason the seam swallowed
         return cause(e)
     return "nvidia-dali is not importable"
@@ -221,11 +224,12 @@ def _dali_missing() -> str | None:
 
 def probe_dali_cpu(device: torch.device, rows: dict) -> dict:
     """DALI's CPU mode against the torch pipeline: arrays and decoded PNG files, views 0/1."""
-    from ..data.registry import Split
+    from ..data.datasets import Split
 
     missing = _dali_missing()
     if missing:
-        return _row("dali_cpu", "unavailable", missing, install_hint(fp.driver_cuda_version()))
+        return _row("dali_cpu", "unavailable", missing,
+                    install_hint(environment.driver_cuda_version()))
     images = _embedded_images()
     labels = np.arange(len(images))
     arrays = Split(labels=labels, images=images)
@@ -246,7 +250,7 @@ def _dali_gpu_blocked(path: str, device: torch.device, rows: dict) -> dict | Non
         return _row(path, "unavailable", drv["detail"], drv.get("fix"))
     missing = _dali_missing()
     if missing:
-        return _row(path, "unavailable", missing, install_hint(fp.driver_cuda_version()))
+        return _row(path, "unavailable", missing, install_hint(environment.driver_cuda_version()))
     return None
 
 
@@ -257,7 +261,7 @@ def _cuda(device: torch.device) -> str:
 def probe_dali_gpu_decode(device: torch.device, rows: dict) -> dict:
     """The `mixed` decoder on JPEGs of embedded images against DALI's CPU decoder. nvJPEG and
     libjpeg-turbo may round differently by a level or so; a wrong decode is off by far more."""
-    from ..data.registry import Split
+    from ..data.datasets import Split
 
     blocked = _dali_gpu_blocked("dali_gpu_decode", device, rows)
     if blocked:
@@ -271,7 +275,7 @@ def probe_dali_gpu_decode(device: torch.device, rows: dict) -> dict:
 
 
 def probe_dali_gpu_arrays(device: torch.device, rows: dict) -> dict:
-    from ..data.registry import Split
+    from ..data.datasets import Split
 
     blocked = _dali_gpu_blocked("dali_gpu_arrays", device, rows)
     if blocked:
@@ -329,7 +333,7 @@ def _tiny_step(device: torch.device, precision: str):
 
 def _probe_precision(path: str, device: torch.device) -> dict:
     if path == "bf16" and not bf16_native(device):
-        return _row("bf16", "unavailable", f"{fp.device_name(device)} has no native bf16",
+        return _row("bf16", "unavailable", f"{environment.device_name(device)} has no native bf16",
                     "--precision fp16 chooses fp16 without this warning")
     ref_loss, ref_g, _, ref_p = _tiny_step(device, "fp32")
     loss, g, before, p = _tiny_step(device, path)
@@ -397,7 +401,7 @@ def run_all(device: torch.device) -> list[dict]:
     """One row per path, in PATHS order, in this process; each probe timed, its failure
     its own row."""
     rows: dict[str, dict] = {}
-    for path in PATHS:
+    for path in environment.PATHS:
         rows[path] = _run_one(path, device, rows)
     return list(rows.values())
 
@@ -414,7 +418,7 @@ def run_isolated(device: torch.device, paths=None, timeout: float = 900.0) -> li
     import subprocess
     import sys
 
-    todo, rows = list(paths or PATHS), {}
+    todo, rows = list(paths or environment.PATHS), {}
     while todo:
         cmd = [sys.executable, "-m", "mlfd.fastpaths.checks", str(device), *todo]
         try:
@@ -436,7 +440,7 @@ def run_isolated(device: torch.device, paths=None, timeout: float = 900.0) -> li
             rows[left[0]] = dict(_row(left[0], "failed", why, _FIXES.get(left[0])), seconds=None)
             left = left[1:]
         todo = left
-    return [rows[p] for p in (paths or PATHS)]
+    return [rows[p] for p in (paths or environment.PATHS)]
 
 
 def _main(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.pipeline import InputSpec
+from ..data.pipelines import InputSpec
 from ..data.sampling import train_order
 from ..engine.artifact import TrainRun
 from ..engine.distributed import rank, world
@@ -180,7 +180,7 @@ def baseline_rows(ws: Workspace, opts: RunOptions) -> list[dict]:
     """Test accuracy of every trained baseline of this experiment, per dataset."""
     from ..engine.artifact import Artifact
     from ..engine.checkpoint import load_into, load_meta_safe
-    from .evaluate import status_rows
+    from .common import status_rows
 
     rows = []
     base = ws.root / "baselines"

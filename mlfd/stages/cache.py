@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..cache import CacheGroup, digest
-from ..cache.store import CacheWriter
+from ..cache import CacheGroup, CacheWriter, digest
 from ..data.sampling import eval_order
 from ..engine.checkpoint import load_meta_safe
 from ..engine.distributed import barrier, gather_object, is_main, on_main, rank, world

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data.pipeline import InputSpec, build_pipeline
-from ..data.registry import Dataset, get_dataset, with_holdout
+from ..data.datasets import Dataset, get_dataset, with_holdout
+from ..data.pipelines import InputSpec, build_pipeline
 from ..data.sampling import eval_order
 from ..data.views import ViewConfig
+from ..engine.artifact import Artifact, Status
 from ..engine.checkpoint import load_into, load_meta
 from ..engine.distributed import rank, world
 from ..engine.metrics import Accuracy
@@ -143,3 +144,31 @@ def rank_batch(cfg) -> int:
         raise MlfdError(f"a micro-batch of {cfg.micro_batch} does not split over {world()} "
                         "processes: use a batch size divisible by the process count")
     return cfg.micro_batch // world()
+
+
+def trained_levels(ws: Workspace, kind: str, name: str | None = None) -> list[int]:
+    """Levels with a result or a run in progress (``L2`` or ``.L2.partial``)."""
+    base = ws.root / "joint" if kind == "joint" else ws.root / "students" / str(name)
+    if not base.is_dir():
+        return []
+    found = {p.name.strip(".").split(".")[0] for p in base.iterdir() if p.is_dir()}
+    return sorted(int(n[1:]) for n in found if n.startswith("L") and n[1:].isdigit())
+
+
+def status_rows(art: Artifact, st: Status, **row) -> tuple[dict | None, list[dict]]:
+    """(the row to measure, or None; rows listed without numbers) for one artifact."""
+    listed = []
+    partial = art.partial()
+    if partial is not None:
+        listed.append(dict(row, status="incomplete", epoch=partial.get("epoch"),
+                           epochs=partial.get("epochs"), top1=None, top5=None, n=None,
+                           reason=f"run in progress or interrupted: {art.staging}"))
+    if st.state in ("missing",):
+        return None, listed
+    if st.state in ("corrupt", "incomplete"):
+        listed.append(dict(row, status=st.state, epoch=st.meta.get("epoch"), top1=None,
+                           top5=None, n=None, reason=st.reason))
+        return None, listed
+    measure = dict(row, status="complete" if st.ok else "stale", epoch=st.meta.get("epoch"),
+                   epochs=st.meta.get("epochs"), reason=st.reason)
+    return measure, listed

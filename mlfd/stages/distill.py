@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cache.store import DECODE_ERRORS
+from ..cache import DECODE_ERRORS
 from ..cache.stream import EpochStream, default_budget, format_size, gather_rows
 from ..data.sampling import chunk_order, train_order
 from ..engine.artifact import Artifact, Status, TrainRun

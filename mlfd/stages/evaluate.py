@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine.artifact import Artifact, Status
+from ..engine.artifact import Artifact
 from ..engine.checkpoint import load_into, load_meta
 from ..engine.metrics import Accuracy
 from ..engine.progress import log
@@ -19,19 +19,18 @@ from ..models import create_backbone
 from ..workspace import Workspace
 from .baselines import baseline_rows
 from .cache import load_teacher_inputs, teacher_group
-from .common import RunOptions, eval_split, evaluate_images, input_spec, load_teacher
+from .common import (
+    RunOptions,
+    eval_split,
+    evaluate_images,
+    input_spec,
+    load_teacher,
+    status_rows,
+    trained_levels,
+)
 from .distill import student_status
 from .fuse import joint_status, load_joint
 from .teach import teacher_status
-
-
-def trained_levels(ws: Workspace, kind: str, name: str | None = None) -> list[int]:
-    """Levels with a result or a run in progress (``L2`` or ``.L2.partial``)."""
-    base = ws.root / "joint" if kind == "joint" else ws.root / "students" / str(name)
-    if not base.is_dir():
-        return []
-    found = {p.name.strip(".").split(".")[0] for p in base.iterdir() if p.is_dir()}
-    return sorted(int(n[1:]) for n in found if n.startswith("L") and n[1:].isdigit())
 
 
 def load_student(ws: Workspace, name: str, levels: int, device) -> torch.nn.Module:
@@ -57,25 +56,6 @@ def joint_accuracy(ws: Workspace, opts: RunOptions, levels: int) -> dict[str, di
                        torch.from_numpy(labels[idx]).to(opts.device))
         out[name] = acc.result()
     return out
-
-
-def status_rows(art: Artifact, st: Status, **row) -> tuple[dict | None, list[dict]]:
-    """(the row to measure, or None; rows listed without numbers) for one artifact."""
-    listed = []
-    partial = art.partial()
-    if partial is not None:
-        listed.append(dict(row, status="incomplete", epoch=partial.get("epoch"),
-                           epochs=partial.get("epochs"), top1=None, top5=None, n=None,
-                           reason=f"run in progress or interrupted: {art.staging}"))
-    if st.state in ("missing",):
-        return None, listed
-    if st.state in ("corrupt", "incomplete"):
-        listed.append(dict(row, status=st.state, epoch=st.meta.get("epoch"), top1=None,
-                           top5=None, n=None, reason=st.reason))
-        return None, listed
-    measure = dict(row, status="complete" if st.ok else "stale", epoch=st.meta.get("epoch"),
-                   epochs=st.meta.get("epochs"), reason=st.reason)
-    return measure, listed
 
 
 def evaluate(ws: Workspace, opts: RunOptions) -> list[dict]:

@@ -13,8 +13,8 @@ from ..engine.checkpoint import load_meta
 from ..errors import MlfdError
 from ..models.timm_config import CONFIG_FILE, WEIGHTS_FILE, num_features, timm_config
 from ..storage.diskio import write_text
+from .common import trained_levels
 from .distill import student_status
-from .evaluate import trained_levels
 
 
 def _pick(ws, name: str, levels: int | None, force: bool):

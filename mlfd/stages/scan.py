@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import formats
-from ..data.registry import Dataset
+from ..data.datasets import Dataset
 from ..engine.distributed import on_main
 from ..engine.progress import log, progress
 from ..errors import MlfdError

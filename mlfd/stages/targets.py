@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..cache import CacheGroup
-from ..cache.store import CacheWriter
+from ..cache import CacheGroup, CacheWriter
 from ..engine.checkpoint import load_meta_safe
 from ..engine.distributed import is_main, on_main
 from ..engine.progress import log
