@@ -42,12 +42,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temp dir")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--dataset", default="fashion-mnist-mini",
+                    help="the student to distil (default: the README's; 'all' for every one)")
     ap.add_argument("extra", nargs="*", help="options appended to `mlfd distill` (after --)")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mlfd-demo-"))
     if work.exists():
         shutil.rmtree(work)
-    cmd = [sys.executable, "-m", "mlfd_cli.main", "distill", "--dataset", "fashion-mnist-mini",
+    cmd = [sys.executable, "-m", "mlfd_cli.main", "distill", "--dataset", args.dataset,
            "--levels", "2", "--workdir", str(work), "--json", *args.extra]
     env = dict(os.environ, MLFD_NO_PROGRESS="1")
     t0 = time.perf_counter()
