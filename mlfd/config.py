@@ -45,6 +45,7 @@ Name = Annotated[str, Strict(), StringConstraints(pattern=NAME_PATTERN)]
 Text = Annotated[str, Strict()]
 Flag = Annotated[bool, Strict()]
 Int = Annotated[int, Strict()]
+NonNegativeInt = Annotated[int, Strict(), Ge(0)]
 Count = Annotated[int, Strict(), Ge(1)]
 Number = Annotated[float, Strict(), AllowInfNan(False)]
 Positive = Annotated[float, Strict(), AllowInfNan(False), Gt(0)]
@@ -78,6 +79,11 @@ class TrainConfig:
     # Gradient accumulation (paper 4.3): batch_size is the effective batch; each optimiser
     # step accumulates grad_accum micro-batches of batch_size / grad_accum samples.
     grad_accum: Count = 1
+    # A budget in images seen or optimiser steps instead of epochs (the dataset-specific
+    # models: epochs = ceil(images / dataset size)); see mlfd.engine.budget.
+    # (repr=False: the repr, which recipe digests read, is as before while they are unset)
+    images: Count | None = field(default=None, repr=False)
+    steps: Count | None = field(default=None, repr=False)
 
     @property
     def micro_batch(self) -> int:
@@ -140,7 +146,12 @@ class DatasetEntry:
 @dataclass
 class CacheConfig:
     views: Count = 4  # cached views per training image (view 0 = clean)
-    dtype: Text = "float16"  # float16 | bfloat16 | float32
+    # float16 | bfloat16 | float32 | int8 (targets: int8 with a float32 scale per row and
+    # view, per channel for maps; the teacher-embedding cache stays float16)
+    dtype: Text = "float16"
+    # > 0: store only each target row's top-K logits (and their class indices) and the row's
+    # minimum, which stands for every other logit when the soft-CE reads them back
+    logits_topk: NonNegativeInt = 0
     batch_size: Count = 256
     codec: Text = "zstd"  # zstd | lz4 | none (each chunk keeps its crc32c regardless)
     clevel: Int = 5  # compression level 0-9
@@ -159,6 +170,10 @@ class Experiment:
     # class-stratified fraction of it in place of the test split (a fixed draw), so that
     # recipes are chosen without looking at the test set.
     holdout: Number = 0.0
+    # How long the teachers and students train (mlfd.engine.budget): "fixed" (the sections'
+    # epochs) or "equal-images"; unset: equal-images for custom experiments, fixed for
+    # presets.
+    budget: Text | None = None
     datasets: list[DatasetEntry] = field(default_factory=list)
     teach: TrainConfig = field(default_factory=TrainConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
@@ -175,9 +190,17 @@ class Experiment:
     def names(self) -> list[str]:
         return [d.name for d in self.datasets]
 
-    def stage(self, section: str, name: str | None = None):
+    def stage(self, section: str, name: str | None = None, budgeted: bool = True):
         """The ``teach`` or ``distill`` config that dataset ``name``'s model trains with:
-        the section, with the dataset's own values over it."""
+        the section, with the dataset's own values over it, then its budget (epochs, batch
+        size) where the stages gave the experiment its data sizes (``budget_hook``)."""
+        cfg = self._stage(section, name)
+        hook = getattr(self, "budget_hook", None)
+        if budgeted and hook is not None and name is not None:
+            return hook(section, self.entry(name).name, cfg)
+        return cfg
+
+    def _stage(self, section: str, name: str | None):
         base = getattr(self, section)
         over = getattr(self.entry(name), section, None) if name is not None else None
         if not over:
@@ -215,11 +238,17 @@ class Experiment:
             raise MlfdError(f"dataset names must be unique: {names}")
         if not 0.0 <= self.holdout < 1.0:
             raise MlfdError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
+        if self.budget is not None and self.budget not in BUDGETS:
+            raise MlfdError(f"budget {self.budget!r}: choose {', '.join(BUDGETS)}")
         for section in ("teach", "fuse", "distill"):
             _check_train(section, getattr(self, section))
+        if self.fuse.images or self.fuse.steps:
+            raise MlfdError("fuse.images / fuse.steps: the joint teacher's budget is in "
+                            "epochs (fuse.epochs)")
         for d in self.datasets:
             for section in ("teach", "distill"):
-                _check_train(f"datasets[{d.name}].{section}", self.stage(section, d.name))
+                _check_train(f"datasets[{d.name}].{section}",
+                             self.stage(section, d.name, budgeted=False))
         if self.cache.dtype not in CACHE_DTYPES:
             raise MlfdError(f"cache.dtype {self.cache.dtype!r}: choose {', '.join(CACHE_DTYPES)}")
         from .storage.uri import check_uri
@@ -253,7 +282,18 @@ class Experiment:
 
     # --- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # unset budget keys are left out: files (and recipe digests) of experiments that
+        # do not use them read as before
+        if d.get("budget") is None:
+            d.pop("budget", None)
+        for section in ("teach", "fuse", "distill"):
+            for key in BUDGET_KEYS:
+                if d[section].get(key) is None:
+                    d[section].pop(key, None)
+        if not d["cache"].get("logits_topk"):  # likewise: unset (0), top-K is left out
+            d["cache"].pop("logits_topk", None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Experiment:
@@ -295,7 +335,9 @@ class Experiment:
         return exp
 
 
-CACHE_DTYPES = ("float16", "bfloat16", "float32")
+BUDGET_KEYS = ("images", "steps")
+BUDGETS = ("fixed", "equal-images")  # mlfd.engine.budget.RULES
+CACHE_DTYPES = ("float16", "bfloat16", "float32", "int8")
 CODECS = ("zstd", "lz4", "none")  # cache.codec: Blosc's compressor, or none
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "onecycle", "onecycle-constant", "cosine")
@@ -313,6 +355,8 @@ def _check_train(section: str, cfg: TrainConfig) -> None:
     if cfg.batch_size % cfg.grad_accum:
         raise MlfdError(f"{section}.grad_accum must be >= 1 and divide batch_size "
                         f"({cfg.batch_size}), got {cfg.grad_accum}")
+    if cfg.images and cfg.steps:
+        raise MlfdError(f"{section}: give images or steps, not both")
     if cfg.warmup_epochs > cfg.epochs:
         raise MlfdError(f"{section}.warmup_epochs {cfg.warmup_epochs:g} is longer than the "
                         f"training ({section}.epochs {cfg.epochs})")

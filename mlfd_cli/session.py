@@ -278,12 +278,14 @@ def emit(as_json: bool, doc: dict, rows: list[dict] | None = None) -> None:
     from rich.console import Console
 
     from mlfd.engine.distributed import is_main
-    from mlfd.report import rich_table
+    from mlfd.report import rich_table, weaker_joint_lines
 
     if not is_main():  # under torchrun rank 0 speaks for the run
         return
     if rows is not None:
         Console(stderr=as_json).print(rich_table(rows))  # fits 80 columns
+        for line in weaker_joint_lines(rows):
+            print(f"note: {line}", file=sys.stderr if as_json else sys.stdout)
     if as_json:
         sys.stdout.write(json.dumps(doc, default=str) + "\n")
 

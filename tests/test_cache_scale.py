@@ -405,7 +405,7 @@ def test_remote_second_status_reads_nothing(memfs, small_shards, reads, monkeypa
 @pytest.mark.parametrize("key,value,message", [
     ("codec", "gzip", "cache.codec 'gzip': choose zstd, lz4, none"),
     ("clevel", 10, "cache.clevel must be an integer from 0 to 9, got 10"),
-    ("dtype", "int8", "cache.dtype 'int8': choose float16, bfloat16, float32"),
+    ("dtype", "int4", "cache.dtype 'int4': choose float16, bfloat16, float32, int8"),
     ("uri", "s3://bucket/x", "cache.uri 's3://bucket/x': fsspec has no filesystem for 's3' "
                              "(pip install s3fs)"),
 ])

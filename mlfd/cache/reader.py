@@ -25,6 +25,7 @@ from .integrity import (
     record_damage,
 )
 from .layout import FORMAT, MANIFEST, _LocalDir, _RemoteDir, _zarr, to_tensor
+from .quant import QUANTISED, dequantised, scale_name
 from .writer import StagedWrites
 
 if TYPE_CHECKING:
@@ -163,6 +164,9 @@ class CacheGroup(StagedWrites):
         if unknown := [k for k in names if k not in stored]:
             raise MlfdError(f"cache {self.location} has no array {unknown[0]!r} "
                             f"(has {', '.join(stored)})")
+        # an int8 array's scales come with it: ``tensors`` multiplies them back in
+        names += [scale_name(k) for k in names if stored[k][1] == QUANTISED
+                  and scale_name(k) in stored and scale_name(k) not in names]
         out = {}
         g = _zarr().open_group(store=self.zarr_store(), mode="r")
         for k in names:
@@ -175,9 +179,11 @@ class CacheGroup(StagedWrites):
         return out
 
     def tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Arrays from ``load()`` as tensors of their logical dtypes (memory shared)."""
+        """Arrays from ``load()`` as tensors of their logical dtypes (memory shared); int8
+        arrays dequantised to float32 with their scales (which are not returned)."""
         dtypes = self.dtypes()
-        return {k: to_tensor(v, dtypes.get(k, v.dtype.name)) for k, v in arrays.items()}
+        return dequantised({k: to_tensor(v, dtypes.get(k, v.dtype.name))
+                            for k, v in arrays.items()}, dtypes)
 
     def zarr_store(self, read_only: bool = True):
         """The zarr store (or local path) of the complete group, unchecked: for readers that

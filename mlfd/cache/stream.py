@@ -32,6 +32,7 @@ import torch
 from ..errors import CorruptArtifact, MlfdError
 from .integrity import DECODE_ERRORS
 from .layout import to_tensor
+from .quant import QUANTISED, dequantised, scale_name
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -206,6 +207,9 @@ class _StreamBase:
         self.resident = {k: v for k, v in (resident or {}).items() if k in names}
         self.arrays = {k: zgroup[k] for k in names if k not in self.resident}
         spec = dict(zgroup.attrs).get("arrays") or {}
+        # an int8 array's scales are read with it, and multiplied in once a window is read
+        self.arrays.update({scale_name(k): zgroup[scale_name(k)] for k in list(self.arrays)
+                            if (spec.get(k) or [None, None])[1] == QUANTISED})
         # the dtype the values stand for (bfloat16 may be stored as uint16)
         self.logical = {k: (spec.get(k) or [None, None])[1] for k in self.arrays}
         self.names = list(names)
@@ -312,7 +316,8 @@ class _StreamBase:
             for futures in tasks.values():  # on an early return or error: drop the rest
                 for f in futures:
                     f.cancel()
-        data = {k: _to_tensor(v, self.logical[k]) for k, v in out.items()}
+        data = dequantised({k: _to_tensor(v, self.logical[k]) for k, v in out.items()},
+                           self.logical)
         return _Window(tag, start, stop_pos, data, local)
 
 

@@ -48,6 +48,7 @@ from .layout import (
     layout,
     rank_progress,
 )
+from .quant import QUANTISED, SCALE_SUFFIX, is_scale, quantise, scale_name, scale_shape
 
 
 def shard_ranges(n: int, step: int, world: int) -> list[tuple[int, int]]:
@@ -98,8 +99,12 @@ class StagedWrites:
             self._copy_promote()  # a promotion a kill interrupted
 
     def _spec(self, arrays: dict[str, tuple[tuple[int, ...], str]]) -> dict:
-        return {k: [[int(n) for n in shape], _logical(dtype)]
-                for k, (shape, dtype) in arrays.items()}
+        spec = {}
+        for k, (shape, dtype) in arrays.items():
+            spec[k] = [[int(n) for n in shape], _logical(dtype)]
+            if spec[k][1] == QUANTISED:  # its scales: an array of its own, written with it
+                spec[scale_name(k)] = [list(scale_shape(shape)), "float32"]
+        return spec
 
     def _head(self, spec: dict) -> dict:
         """What a staged write must match to be resumed: fingerprint, arrays and storage."""
@@ -235,10 +240,17 @@ class StagedWrites:
         g.attrs.update({"complete": False, "format": FORMAT, "fingerprint": self.fingerprint,
                         "fingerprint_digest": digest(self.fingerprint), "arrays": spec,
                         "storage": self._storage})
-        handles = {}
+        handles, rows = {}, {}
         for name, (shape, logical) in spec.items():
             dtype = np.dtype(STORED_AS.get(logical, logical))
             chunks, shards = layout(shape, dtype.itemsize)
+            if is_scale(name) and name.removesuffix(SCALE_SUFFIX) in rows:
+                # the rows of its values' chunks and shards: both arrays' shards, cursors
+                # and ranks' ranges coincide
+                r, per = rows[name.removesuffix(SCALE_SUFFIX)]
+                chunks = (r, 1, *shape[2:]) if len(shape) >= 3 else (r, *shape[1:])
+                shards = (per, *shape[1:])
+            rows[name] = (chunks[0], shards[0])
             handles[name] = g.create_array(
                 name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
                 compressors=_codecs(self.codec, self.clevel), fill_value=0,
@@ -297,8 +309,10 @@ class CacheWriter:
         self._shared = shared  # (rank, shares) in a sharded extraction; None: the only writer
 
     def cursor(self, name: str) -> int:
-        """Rows of ``name`` already durable: production may resume at any row up to this."""
-        return self._durable[name]
+        """Rows of ``name`` already durable: production may resume at any row up to this
+        (an int8 array: up to where its scales are durable too)."""
+        scales = self._durable.get(scale_name(name), self._durable[name])
+        return min(self._durable[name], scales)
 
     def rows(self, name: str) -> tuple[int, int]:
         """The [start, stop) rows of ``name`` this writer writes: all, or its rank's range."""
@@ -314,6 +328,10 @@ class CacheWriter:
         the minimum cursor of several arrays rewrites nothing; so are rows past a rank's
         range (another rank's). Float values are converted to the array's dtype
         (bfloat16: rounded as torch rounds)."""
+        if self._spec[name][1] == QUANTISED and \
+                str(getattr(values, "dtype", "")).removeprefix("torch.") != "int8":
+            values, scales = quantise(values)
+            self.append(scale_name(name), scales, start)
         arr = self.handles[name]
         values = _to_stored(values, self._spec[name][1], arr.dtype)
         pos = self._pos[name] if start is None else int(start)

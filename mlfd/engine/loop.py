@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import MlfdError
-from . import distributed
+from . import bn, distributed
 from .artifact import TrainRun
 from .optim import build_optimizer, build_scheduler
 from .progress import log, progress
@@ -69,6 +69,25 @@ def grad_scaler(device: torch.device, precision: str | None):
     if (precision or default_precision(device)) != "fp16":
         return None
     return torch.amp.GradScaler(device.type)
+
+
+def _precise_bn(model, run: TrainRun, batches, step, device, precision, steps: int) -> None:
+    """Before the last evaluation, and so before the model is saved, cached, exported or
+    used as a teacher: BatchNorm statistics of the final weights (engine.bn) when the
+    model took fewer than bn.STEPS optimiser steps; recorded in its metadata."""
+    if steps >= bn.STEPS or not bn.bn_layers(model):
+        run.meta["bn_recalibrated"] = None
+        return
+
+    def forward(batch):
+        with autocast(device, precision):
+            return step(batch)[2]  # the stage's own forward, in train mode, no gradients
+
+    t0 = time.perf_counter()
+    images = bn.recalibrate(model, batches, forward)
+    run.meta["bn_recalibrated"] = {"images": images * distributed.world(), "steps": steps}
+    log(f"BatchNorm statistics recomputed on {images * distributed.world()} training images "
+        f"({steps} optimiser steps < {bn.STEPS}) in {time.perf_counter() - t0:.1f} s")
 
 
 @dataclass
@@ -196,6 +215,9 @@ def fit(
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                    "train_images_per_s": seen / max(train_time, 1e-9),
                    **{f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()}}
+            if epoch + 1 == cfg.epochs:
+                _precise_bn(model, run, batches(epoch), step, device, precision,
+                            (epoch + 1) * -(-steps_per_epoch // accum))
             distributed.sync_buffers(model)  # every rank evaluates and saves the same model
             model.eval()
             with torch.no_grad(), autocast(device, precision):

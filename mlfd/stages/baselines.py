@@ -31,6 +31,7 @@ from .common import (
     RunOptions,
     base_meta,
     dataset_of,
+    drop_unset,
     evaluate_images,
     pipeline_for,
     rank_batch,
@@ -82,7 +83,7 @@ def baseline_config(exp, arch: str):
     """The teach values of the architecture's entry, but the section's epochs: a baseline's
     epoch is a pass over the largest dataset, so an epoch count set for one dataset's own
     size (e.g. more epochs for a small one) does not carry over."""
-    cfg = exp.stage("teach", baseline_entry(exp, arch).name)
+    cfg = exp.stage("teach", baseline_entry(exp, arch).name, budgeted=False)
     return dataclasses.replace(cfg, epochs=exp.teach.epochs)
 
 
@@ -107,8 +108,8 @@ def baseline_spec(exp, kind: str, arch: str, size: int) -> dict:
 
 def baseline_fingerprint(ws: Workspace, kind: str, arch: str, size: int) -> dict:
     data = {n: dataset_of(ws, n).fingerprint() for n in ws.exp.names()}
-    return flatten({**baseline_spec(ws.exp, kind, arch, size), "data": data,
-                    "seed": ws.exp.seed})
+    return drop_unset(flatten({**baseline_spec(ws.exp, kind, arch, size), "data": data,
+                               "seed": ws.exp.seed}))
 
 
 def train_baseline(ws: Workspace, opts: RunOptions, kind: str, arch: str | None = None,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..cache import CacheGroup, CacheWriter, digest
+from ..cache.quant import QUANTISED
 from ..data.sampling import eval_order
 from ..engine.checkpoint import load_meta_safe
 from ..engine.distributed import barrier, gather_object, is_main, on_main, rank, world
@@ -58,11 +59,23 @@ def embedding_fingerprint(ws: Workspace, levels: int, data_name: str, split: str
     }
 
 
-def storage_values(ws: Workspace) -> dict:
+def embedding_dtype(ws: Workspace) -> str:
+    """The teacher-embedding cache's dtype: ``int8`` targets keep float16 embeddings, so
+    the joint teacher trains on the inputs it had (and switching targets to int8 reuses
+    this cache and the joint teacher: only the targets and students are rebuilt)."""
+    return "float16" if ws.exp.cache.dtype == QUANTISED else ws.exp.cache.dtype
+
+
+def storage_values(ws: Workspace, targets: bool = False) -> dict:
     """How values are stored: in the fingerprints, so a change rebuilds the caches. Where
-    they are stored (cache.uri) is not: a moved cache is the same cache."""
+    they are stored (cache.uri) is not: a moved cache is the same cache. ``targets``: of
+    the joint targets (int8, top-K logits); else of the teacher embeddings."""
     c = ws.exp.cache
-    return {"dtype": c.dtype, "codec": c.codec, "clevel": c.clevel}
+    if not targets:
+        return {"dtype": embedding_dtype(ws), "codec": c.codec, "clevel": c.clevel}
+    # top-K only when set: caches made before it keep their fingerprint
+    return {"dtype": c.dtype, "codec": c.codec, "clevel": c.clevel,
+            **({"logits_topk": c.logits_topk} if c.logits_topk else {})}
 
 
 # Lossless storage choices: they rebuild a cache, never what is computed from its values.
@@ -133,7 +146,7 @@ def cache_teachers(ws: Workspace, opts: RunOptions, levels: int) -> list[str]:
     from ..engine.loop import autocast
     from ..fastpaths import precision
 
-    dtype = ws.exp.cache.dtype
+    dtype = embedding_dtype(ws)
     # rank 0 inspects (and may recover) the groups; the others follow its list
     todo = on_main(_stale_teacher_groups, ws, opts, levels)
     if not todo:

@@ -8,11 +8,13 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..config import BUDGET_KEYS
 from ..data.datasets import Dataset, get_dataset, with_holdout
 from ..data.pipelines import InputSpec, build_pipeline
 from ..data.sampling import eval_order
 from ..data.views import ViewConfig
 from ..engine.artifact import Artifact, Status
+from ..engine.budget import Budget, budget, resolve, rule_of
 from ..engine.checkpoint import load_into, load_meta
 from ..engine.distributed import rank, world
 from ..engine.metrics import Accuracy
@@ -49,11 +51,56 @@ def dataset_of(ws: Workspace, name: str) -> Dataset:
     """The data of dataset ``name`` as the experiment sees it: with ``holdout`` set, its
     "test" split is the part held out of train (see ``registry.with_holdout``)."""
     entry = ws.exp.entry(name)
+    install_budget(ws)
     key = (entry.source, ws.data_root, ws.exp.holdout)
     if key not in _DATASETS:
         ds = get_dataset(entry.source, ws.data_root)
         _DATASETS[key] = with_holdout(ds, ws.exp.holdout) if ws.exp.holdout else ds
     return _DATASETS[key]
+
+
+def train_sizes(ws: Workspace) -> dict[str, int] | None:
+    """Training images per dataset (after any holdout); None while a dataset is only
+    planned for (a dry run's pending download)."""
+    sizes = {}
+    for e in ws.exp.datasets:
+        ds = dataset_of(ws, e.name)
+        if ds.pending:
+            return None
+        sizes[e.name] = len(ds.load("train"))
+    return sizes
+
+
+def install_budget(ws: Workspace) -> None:
+    """Let ``ws.exp.stage`` size each teacher's and student's training by the budget rule
+    (mlfd.engine.budget), which needs the datasets' sizes; presets keep their values."""
+    if getattr(ws.exp, "budget_hook", None) is not None:
+        return
+
+    def hook(section: str, name: str, cfg):
+        if section not in ("teach", "distill"):
+            return cfg
+        if rule_of(ws.exp) == "fixed" and not (cfg.images or cfg.steps):
+            return cfg  # nothing to size: no data read
+        sizes = train_sizes(ws)
+        return cfg if sizes is None else resolve(ws.exp, section, name, cfg, sizes)
+
+    ws.exp.budget_hook = hook
+
+
+def drop_unset(fp: dict) -> dict:
+    """A flat fingerprint without unset budget keys (``teach.images: None``), so results
+    made before those keys existed stay up to date."""
+    return {k: v for k, v in fp.items() if not (v is None and k.rsplit(".", 1)[-1] in
+                                                BUDGET_KEYS)}
+
+
+def model_budget(ws: Workspace, section: str, name: str) -> Budget | None:
+    """The budget of dataset ``name``'s teacher or student (None: data not there yet)."""
+    sizes = train_sizes(ws)
+    if sizes is None:
+        return None
+    return budget(ws.exp, section, name, ws.exp.stage(section, name, budgeted=False), sizes)
 
 
 def eval_split(ws: Workspace) -> str:
@@ -172,3 +219,28 @@ def status_rows(art: Artifact, st: Status, **row) -> tuple[dict | None, list[dic
     measure = dict(row, status="complete" if st.ok else "stale", epoch=st.meta.get("epoch"),
                    epochs=st.meta.get("epochs"), reason=st.reason)
     return measure, listed
+
+
+def joint_below_line(name: str, levels: int, joint: float, teacher: float, split: str) -> str:
+    return (f"{name}: the joint teacher L{levels} ({100 * joint:.2f} %) is below {name}'s own "
+            f"teacher ({100 * teacher:.2f} %) on the {split}: distilling from it is not "
+            "expected to beat the teacher")
+
+
+def weaker_joint(ws: Workspace, levels: int, names: list[str] | None = None) -> list[str]:
+    """One line per dataset whose complete joint teacher L``levels`` scores below the
+    dataset's own complete teacher, read from their recorded final metrics (measured on
+    the split the experiment measures on: test, or the holdout)."""
+    from ..engine.checkpoint import load_meta_safe
+
+    joint = load_meta_safe(ws.joint_dir(levels) / "last") or {}
+    if not joint.get("complete"):
+        return []
+    lines = []
+    for n in names or ws.exp.names():
+        teacher = load_meta_safe(ws.teacher_dir(n) / "last") or {}
+        t, j = (teacher.get("metrics") or {}).get("top1"), (joint.get("metrics") or {}).get(
+            f"{n}/top1")
+        if teacher.get("complete") and t is not None and j is not None and j < t:
+            lines.append(joint_below_line(n, levels, j, t, eval_split(ws)))
+    return lines

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cache import DECODE_ERRORS
+from ..cache.quant import QUANTISED, TOPK_INDEX, is_scale, topk_unpack
 from ..cache.stream import EpochStream, default_budget, format_size, gather_rows
 from ..data.sampling import chunk_order, train_order
 from ..engine.artifact import Artifact, Status, TrainRun
@@ -43,6 +44,7 @@ from .common import (
     RunOptions,
     base_meta,
     dataset_of,
+    drop_unset,
     evaluate_images,
     input_spec,
     model_fingerprint,
@@ -99,7 +101,8 @@ def cache_budget(opts: RunOptions, processes: int | None = None) -> int:
 
 
 def _itemsize(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+    # int8 targets are read as float32 (their scales multiplied in)
+    return 2 if dtype == "bfloat16" else 4 if dtype == QUANTISED else np.dtype(dtype).itemsize
 
 
 def feed_of(zgroup, budget: int) -> TargetFeed:
@@ -111,7 +114,8 @@ def feed_of(zgroup, budget: int) -> TargetFeed:
     largest streamed chunk rows, each window at most WINDOW_BYTES and (PREFETCH + 1) of
     them within what the resident arrays leave of the budget. A window holds one view of
     its chunks (chunk_order draws views per chunk): 1/V of their samples' bytes."""
-    spec = {k: v for k, v in dict(zgroup.attrs)["arrays"].items() if k != "labels"}
+    spec = {k: v for k, v in dict(zgroup.attrs)["arrays"].items()
+            if k != "labels" and not is_scale(k)}  # scales: read with their values
     n = int(next(iter(spec.values()))[0][0])
     row = {k: int(np.prod(shape[1:], dtype=np.int64)) * _itemsize(dtype)
            for k, (shape, dtype) in spec.items()}
@@ -172,9 +176,9 @@ def student_fingerprint(ws: Workspace, name: str, levels: int, budget: int | Non
     the student was trained with is taken: it is a choice of the run, not of the experiment.
     """
     cfg = {k: v for k, v in vars(ws.exp.stage("distill", name)).items() if k != "loss_backend"}
-    fp = flatten({"model": model_fingerprint(ws, name), "distill": cfg, "seed": ws.exp.seed,
-                  "levels": levels,
-                  "targets": content_digest(target_group(ws, levels, name).fingerprint)})
+    fp = drop_unset(flatten({"model": model_fingerprint(ws, name), "distill": cfg,
+                             "seed": ws.exp.seed, "levels": levels,
+                             "targets": content_digest(target_group(ws, levels, name).fingerprint)}))
     feed = target_feed(ws, name, levels, budget) if budget is not None else None
     return {**fp, **(feed.fingerprint() if feed is not None else _trained_order(ws, name, levels))}
 
@@ -206,6 +210,8 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
     feed = target_feed(ws, name, levels, budget)
     streaming = feed is not None and feed.streaming
     names = ["logits", *(f"L{k + 1}" for k in range(levels))]
+    if TOPK_INDEX in group.shapes():  # top-K logits: expanded back per batch, in step()
+        names.append(TOPK_INDEX)
     if streaming:
         zg = group.open_read()
         targets = {k: zg[k] for k in names}  # lazily read zarr arrays: shapes only here
@@ -268,6 +274,8 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
             t = {k: gather_rows(dev_t[k], idx, view) for k in names}
         logits, embeds = student(b.images)
         t_logits = t["logits"]
+        if TOPK_INDEX in t:  # the row minimum for every class outside the top K
+            t_logits = topk_unpack(t_logits.float(), t[TOPK_INDEX], logits.shape[1])
         t_embeds = [t[f"L{k + 1}"] for k in range(levels)]
         loss, terms = kd_loss(logits.float(), t_logits.float(), b.labels,
                               [e.float() for e in embeds], [t.float() for t in t_embeds],

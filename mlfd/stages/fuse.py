@@ -25,15 +25,15 @@ from ..models.backbone import apply_init
 from ..storage.fingerprint import flatten
 from ..workspace import Workspace
 from .cache import content_digest, embedding_fingerprint, load_teacher_inputs
-from .common import RunOptions, base_meta, dataset_of, load_teacher
+from .common import RunOptions, base_meta, dataset_of, drop_unset, load_teacher
 
 
 def joint_fingerprint(ws: Workspace, levels: int) -> dict:
     """The joint teacher depends on its config, the seed and the cached teacher embeddings."""
     inputs = {f"{n}/{s}": content_digest(embedding_fingerprint(ws, levels, n, s))
               for n in ws.exp.names() for s in ("train", "test")}
-    return flatten({"fuse": ws.exp.fuse, "seed": ws.exp.seed, "levels": levels,
-                    "embeddings": inputs})
+    return drop_unset(flatten({"fuse": ws.exp.fuse, "seed": ws.exp.seed, "levels": levels,
+                               "embeddings": inputs}))
 
 
 def joint_status(ws: Workspace, levels: int) -> Status:

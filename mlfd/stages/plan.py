@@ -12,12 +12,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..engine.artifact import Artifact
+from ..engine.budget import rule_of
 from ..engine.distributed import barrier, on_main
 from ..engine.progress import log
 from ..workspace import Workspace
 from .baselines import baseline_dir, baseline_fingerprint
 from .cache import SPLITS, cache_teachers, check_levels, teacher_group
-from .common import RunOptions, dataset_of
+from .common import RunOptions, dataset_of, model_budget, weaker_joint
 from .distill import cache_budget, distill, student_fingerprint
 from .fuse import fuse, joint_fingerprint, joint_status
 from .scan import has_files, recorded, scan
@@ -42,6 +43,10 @@ class Plan:
     # The image scans that come before anything else (see stages.scan): a run scans before
     # it plans, so a plan only reports them.
     scans: list[Step] = field(default_factory=list)
+    # How long each model that the plan trains or keeps trains: one line per model.
+    budgets: list[str] = field(default_factory=list)
+    # One line per dataset whose joint teacher is below its own teacher (weaker_joint).
+    notes: list[str] = field(default_factory=list)
 
 
 def plan_scan(ws: Workspace, names: list[str]) -> list[Step]:
@@ -58,6 +63,22 @@ def plan_scan(ws: Workspace, names: list[str]) -> list[Step]:
             "to decode before anything runs")
         steps.append(Step("scan", n, reason))
     return steps
+
+
+def budget_lines(ws: Workspace, names: list[str], sections=("teach", "distill")) -> list[str]:
+    """Each dataset-specific model's budget in epochs, steps and images (none while its
+    data is only planned for)."""
+    lines = []
+    rule = rule_of(ws.exp)
+    for section in sections:
+        for n in names:
+            b = model_budget(ws, section, n)
+            if b is not None:
+                who = "teacher" if section == "teach" else "student"
+                lines.append(f"{who} {n}: {b.line()}")
+    if lines:
+        lines.insert(0, f"budget rule {rule!r} (experiment.yaml: budget)")
+    return lines
 
 
 def _resume_note(art: Artifact, fingerprint: dict, restart: bool) -> str:
@@ -81,7 +102,7 @@ def _trained(plan: Plan, verb: str, target: str, art: Artifact, fingerprint: dic
 def plan_teach(ws: Workspace, names: list[str], force: bool = False,
                restart: bool = False) -> Plan:
     """The teachers `mlfd teach` trains: missing, incomplete, corrupt or stale ones."""
-    plan = Plan(scans=plan_scan(ws, names))
+    plan = Plan(scans=plan_scan(ws, names), budgets=budget_lines(ws, names, ("teach",)))
     for n in names:
         _trained(plan, "teach", n, Artifact(ws.teacher_dir(n)), teacher_fingerprint(ws, n),
                  force, restart)
@@ -129,7 +150,7 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
     """Steps in order; a redone stage makes everything downstream of it stale too.
     ``budget``: the run's target-cache memory (distill.cache_budget), which decides how a
     student is fed its targets, hence its fingerprint."""
-    plan = Plan(scans=plan_scan(ws, ws.exp.names()))
+    plan = Plan(scans=plan_scan(ws, ws.exp.names()), budgets=budget_lines(ws, names))
 
     def add(verb, target, reason, redo):
         (plan.steps if redo else plan.reused).append(Step(verb, target, reason))
@@ -159,6 +180,8 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
     add("cache", f"joint targets L{levels}",
         "upstream changes" if changed else (stale[0] if stale else "up to date"),
         changed or stale)
+    if not changed:  # the joint teacher that the students will learn from is known now
+        plan.notes = weaker_joint(ws, levels, names)
     for n in names:
         target = f"{n} L{levels}"
         if changed:
@@ -178,6 +201,10 @@ def announce(ws: Workspace, plan: Plan, write=log) -> None:
         write(f"  =  {s.verb:<8} {s.target:<28} (up to date)")
     for i, s in enumerate(plan.steps, 1):
         write(f"  {i}. {s}")
+    for line in plan.budgets:
+        write(f"[plan] {line}")
+    for line in plan.notes:
+        write(f"[plan] {line}")
     for e in ws.exp.datasets:  # set only where a dry run left the data to a real run
         if note := dataset_of(ws, e.name).pending:
             write(f"[plan] data: {note}")
@@ -194,7 +221,12 @@ def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int,
     # Under torchrun rank 0 plans (reading state only it may change) and tells the others.
     plan = on_main(plan_distill, ws, names, levels, opts.force, opts.restart, opts.cache_memory)
     announce(ws, plan)
+    warned = bool(plan.notes)
     for s in plan.steps:
+        if s.verb == "distill" and not warned:  # the joint teacher is trained by now
+            warned = True
+            for line in on_main(weaker_joint, ws, levels, names):
+                log(f"[plan] {line}")
         if s.verb == "teach":
             teach(ws, opts, s.target)
         elif s.verb == "cache" and s.target.startswith("teacher"):

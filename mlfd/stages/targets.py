@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..cache import CacheGroup, CacheWriter
+from ..cache.quant import TOPK_INDEX, index_dtype, topk_active, topk_pack
 from ..engine.checkpoint import load_meta_safe
 from ..engine.distributed import is_main, on_main
 from ..engine.progress import log
@@ -40,7 +41,7 @@ def target_fingerprint(ws: Workspace, levels: int, data_name: str) -> dict:
     sha = (load_meta_safe(stem) or {}).get("sha256")
     return {"kind": "joint-targets", "level": levels, "dataset": data_name, "split": "train",
             "joint_sha256": sha, "teacher_cache": content_digest(embedding_fingerprint(
-                ws, levels, data_name, "train")), **storage_values(ws)}
+                ws, levels, data_name, "train")), **storage_values(ws, targets=True)}
 
 
 def target_group(ws: Workspace, levels: int, data_name: str) -> CacheGroup:
@@ -92,7 +93,11 @@ def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
         # which the other ranks' checks then find)
         labels = on_main(_labels, inputs)
         N, V = inputs.shapes()[ws.exp.datasets[0].name][:2]
-        arrays = {"logits": ((N, V, joint.num_classes[d_idx]), dtype), "labels": ((N,), "int64")}
+        C, K = joint.num_classes[d_idx], ws.exp.cache.logits_topk
+        topk = topk_active(K, C)  # K >= C: every logit is kept, as without top-K
+        arrays = {"logits": ((N, V, K + 1 if topk else C), dtype), "labels": ((N,), "int64")}
+        if topk:
+            arrays[TOPK_INDEX] = ((N, V, K), index_dtype(C))
         for k, shape in enumerate(joint.embed_shapes):
             arrays[f"L{k + 1}"] = ((N, V, *shape), dtype)
         writer = writer_for(group, arrays, opts.restart)
@@ -110,7 +115,11 @@ def cache_targets(ws: Workspace, opts: RunOptions, levels: int,
                 views = np.tile(np.arange(V), len(rows) // V)
                 emb = joint_forward_cached(joint, feats, rows - lo, views, opts.device)
                 logits = joint.logits(emb[0], d_idx)
-                writer.append("logits", logits.reshape(-1, V, logits.shape[1]), start=start)
+                logits = logits.reshape(-1, V, logits.shape[1])
+                if topk:
+                    logits, index = topk_pack(logits, K)
+                    writer.append(TOPK_INDEX, index, start=start)
+                writer.append("logits", logits, start=start)
                 for k, e in enumerate(emb):
                     writer.append(f"L{k + 1}", e.reshape(-1, V, *e.shape[1:]), start=start)
         close_writer(writer)

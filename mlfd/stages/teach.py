@@ -25,6 +25,7 @@ from .common import (
     RunOptions,
     base_meta,
     dataset_of,
+    drop_unset,
     evaluate_images,
     input_spec,
     model_fingerprint,
@@ -40,8 +41,8 @@ def teacher_fingerprint(ws: Workspace, name: str) -> dict:
     if entry.teacher:
         return flatten({"model": model_fingerprint(ws, name),
                         "import": {"sha256": _import_sha(entry.teacher)}})
-    return flatten({"model": model_fingerprint(ws, name), "teach": ws.exp.stage("teach", name),
-                    "seed": ws.exp.seed})
+    return drop_unset(flatten({"model": model_fingerprint(ws, name),
+                               "teach": ws.exp.stage("teach", name), "seed": ws.exp.seed}))
 
 
 _SHA: dict[tuple[str, float, int], str] = {}

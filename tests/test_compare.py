@@ -1,0 +1,90 @@
+"""`mlfd compare` (issue 22 §4): seeds x levels x baselines, mean ± sample std."""
+
+import json
+import statistics
+
+from helpers import bad, make_npz, run
+
+from mlfd.report import aggregate, spread_verdicts
+
+TINY_RUN = ["--input-size", 32, "--epochs", 1, "--batch-size", 16, "--device", "cpu",
+            "--pipeline", "torch"]
+
+
+def test_compare_two_seeds_writes_mean_std_and_per_seed_values(tmp_path, capsys):
+    a = make_npz(tmp_path / "a.npz", 0, classes=2, n_train=32, n_test=16)
+    b = make_npz(tmp_path / "b.npz", 1, classes=3, n_train=48, n_test=18)
+    w = tmp_path / "w"
+    args = ["compare", "--teacher", f"{a}=test_resnet", "--teacher", f"{b}=test_resnet",
+            "--workdir", w, "--seeds", 0, 1, "--levels", 1, "--baselines", "none", *TINY_RUN]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    doc = json.loads((w / "reports" / "compare.json").read_text())
+    assert doc["seeds"] == [0, 1] and doc["levels"] == [1]
+    # each seed in its own workdir under the experiment's
+    for s in (0, 1):
+        assert (w / "compare" / f"seed-{s}" / "teachers" / "a" / "last.safetensors").exists()
+        assert (w / "compare" / f"seed-{s}" / "students" / "b" / "L1").is_dir()
+    agg = {(x["dataset"], x["model"], x["levels"]): x for x in doc["aggregate"]}
+    for key in [("a", "teacher", None), ("b", "student", 1), ("a", "joint", 1)]:
+        x = agg[key]
+        # against the per-seed evaluation rows, recomputed here
+        top1 = [r["top1"] for d in doc["per_seed"] for r in d["rows"]
+                if (r["dataset"], r["model"], r["levels"]) == key]
+        assert len(top1) == 2
+        assert abs(x["mean"] - statistics.fmean(top1)) < 1e-12
+        assert abs(x["std"] - statistics.stdev(top1)) < 1e-12
+        assert sorted(x["per_seed"].values()) == sorted(top1)
+    md = (w / "reports" / "compare.md").read_text()
+    teacher = agg[("a", "teacher", None)]
+    line = next(x for x in md.splitlines() if x.startswith("| a | dataset-specific teacher"))
+    assert f"{100 * teacher['mean']:.2f} ± {100 * teacher['std']:.2f}" in line
+    assert f"{100 * teacher['per_seed']['0']:.2f}" in line
+    assert "seed 0 | seed 1" in md
+    assert (w / "reports" / "compare.png").stat().st_size > 0
+    assert "mean ± std" in out and "student L1 vs teacher" in out
+
+    # a second run reuses both seeds: nothing is trained again
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert "epoch 1/" not in err
+    assert json.loads((w / "reports" / "compare.json").read_text())["aggregate"] == \
+        doc["aggregate"]
+
+
+def test_spread_verdicts_by_hand():
+    rows = lambda t, s: [{"dataset": "d", "model": "teacher", "arch": "x", "levels": None,  # noqa
+                          "top1": t, "status": "complete"},
+                         {"dataset": "d", "model": "student", "arch": "x", "levels": 1,
+                          "top1": s, "status": "complete"},
+                         {"dataset": "d", "model": "multi-head", "arch": "y", "levels": None,
+                          "top1": 0.1, "status": "complete"}]
+    per_seed = [{"seed": 0, "rows": rows(0.50, 0.60)}, {"seed": 1, "rows": rows(0.52, 0.62)},
+                {"seed": 2, "rows": rows(0.54, 0.64)}]
+    agg = aggregate(per_seed, ["d"], "same-arch")
+    assert {a["model"] for a in agg} == {"teacher", "student"}  # other arch's baseline: out
+    assert len(aggregate(per_seed, ["d"], "all")) == 3
+    # student 0.62 ± 0.02 vs teacher 0.52 ± 0.02: +10 points, beyond the 4-point spread
+    assert spread_verdicts(agg) == ["d: student L1 vs teacher: +10.00 points, exceeds the "
+                                    "spread (4.00)"]
+
+
+def test_bad_baselines_is_one_line(tmp_path, capsys):
+    line = bad(capsys, "compare", "--preset", "demo", "--workdir", tmp_path / "w",
+               "--baselines", "some")
+    assert "--baselines 'some': choose same-arch, all, none" in line
+
+
+def test_a_joint_teacher_below_the_teacher_is_named_once_per_dataset_and_level():
+    from mlfd.report import markdown, weaker_joint_lines
+
+    def row(dataset, model, top1, levels=None):
+        return {"dataset": dataset, "model": model, "arch": "x", "levels": levels,
+                "top1": top1, "top5": None, "status": "complete", "split": "test"}
+
+    rows = [row("a", "teacher", 0.80), row("a", "joint", 0.75, 1), row("a", "joint", 0.85, 2),
+            row("b", "teacher", 0.60), row("b", "joint", 0.70, 1)]
+    lines = weaker_joint_lines(rows)
+    assert lines == ["a: the joint teacher L1 (75.00 %) is below a's own teacher (80.00 %) on "
+                     "the test: its students are not expected to beat the teacher"]
+    assert f"- {lines[0]}" in markdown(rows)
