@@ -150,7 +150,7 @@ def reencoded(store: Path) -> dict[str, int]:
     return sizes
 
 
-def report(root: Path, seeds: list[int], out: Path | None) -> None:
+def report(root: Path, seeds: list[int], out: Path | None, note: str = "") -> None:
     import torch
 
     import mlfd
@@ -189,7 +189,7 @@ def report(root: Path, seeds: list[int], out: Path | None) -> None:
                     "platform": platform.platform()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "mlfd": mlfd.__version__},
-        "preset": "demo", "variants": {k: {"dtype": d, "logits_topk": t}
+        "note": note, "preset": "demo", "variants": {k: {"dtype": d, "logits_topk": t}
                                        for k, (d, t) in VARIANTS.items()},
         "rows": rows, "same_values_bytes": same_values, "channel_groups_L2": groups,
     }
@@ -206,7 +206,8 @@ def markdown(result: dict) -> str:
              f"{result['date'][:10]})", "",
              "targets-L<K>.zarr: every file of the three datasets' target groups. top-1: "
              "students' test top-1, mean of the three datasets; ± is the spread (max - min) "
-             "over the seeds that finished.", "",
+             "over the seeds that finished.", *(["", result["note"]] if result["note"] else []),
+             "",
              "| level | variant | seeds | targets bytes | float16 / this | student top-1 (mean) | "
              "per seed |", "|---|---|---|---|---|---|---|"]
     for k in (1, 2):
@@ -256,11 +257,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--note", default="", help="report: how the runs were made, if not by run")
     args = ap.parse_args()
     if args.what == "run":
         run(args.root, args.seeds, args.variants)
     else:
-        report(args.root, args.seeds, args.out)
+        report(args.root, args.seeds, args.out, args.note)
 
 
 if __name__ == "__main__":
