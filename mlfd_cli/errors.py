@@ -85,6 +85,9 @@ def run() -> None:
         sys.exit(1)
     finally:
         sigterm.restore()
+        # A command's read-only mode (eval, list, a dry run) ends with it: in-process
+        # callers (the library's users, the tests) run the next one as themselves.
+        set_read_only(False)
 
 
 def _lost_peer(e: Exception) -> bool:

@@ -56,6 +56,7 @@ def _experiment(root: Path) -> Path:
         cfg.epochs, cfg.batch_size = 2, 16
     exp.fuse.dropout = 0.0  # dropout draws differ per rank: exact only without it
     exp.cache.views = 2
+    exp.budget = "fixed"  # the epochs above: this compares process counts, not budgets
     path = root / "experiment.yaml"
     exp.save(path)
     return path

@@ -350,6 +350,8 @@ def test_fuse_forwards_each_mixed_batch_once(ws, capsys, monkeypatch):
         return original(self, feats)
 
     monkeypatch.setattr(JointTeacher, "forward", forward)
+    # training's forwards only: precise-BN's own pass is tests/test_bn_recalibration.py's
+    monkeypatch.setattr("mlfd.engine.bn.STEPS", 0)
     code, _, err = run(capsys, "fuse", "--workdir", ws, "--levels", 2, "--force",
                        "--device", "cpu")
     assert code == 0, err

@@ -10,6 +10,7 @@ import torch
 from .. import __version__
 from ..config import BUDGET_KEYS
 from ..data.datasets import Dataset, get_dataset, with_holdout
+from ..data.download import fetch_allowed
 from ..data.pipelines import InputSpec, build_pipeline
 from ..data.sampling import eval_order
 from ..data.views import ViewConfig
@@ -61,11 +62,12 @@ def dataset_of(ws: Workspace, name: str) -> Dataset:
 
 def train_sizes(ws: Workspace) -> dict[str, int] | None:
     """Training images per dataset (after any holdout); None while a dataset is only
-    planned for (a dry run's pending download)."""
+    planned for (a dry run's pending download), or when a dry run would have to unpickle
+    it to count (a dry run reads no pickle)."""
     sizes = {}
     for e in ws.exp.datasets:
         ds = dataset_of(ws, e.name)
-        if ds.pending:
+        if ds.pending or (ds.unpickles and not fetch_allowed()):
             return None
         sizes[e.name] = len(ds.load("train"))
     return sizes

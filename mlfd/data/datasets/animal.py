@@ -84,4 +84,5 @@ def _animal(root: Path, _download: bool) -> Dataset:
         loader=_once(load_all),
         split_names=["train", "test"],
         fingerprinter=_files_fingerprint(recipe, paths),
+        unpickles=True,
     )

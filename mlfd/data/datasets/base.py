@@ -62,6 +62,9 @@ class Dataset:
     # Splits are image files on disk (the scan decodes them), not arrays: declared, so that
     # deciding whether to scan never loads (and never unpickles) anything.
     image_files: bool = field(default=False, repr=False, compare=False)
+    # Loading it unpickles (MNIST's pickle, CIFAR, Animal-MNIST), restricted as that is: a
+    # dry run must not, so what needs its size waits for a real run.
+    unpickles: bool = field(default=False, repr=False, compare=False)
     # Rows left out of each split (bad images, --skip-bad-images): ``load`` omits them and
     # the fingerprint names them, so what was made without them is told apart.
     excluded: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
@@ -180,7 +183,7 @@ def with_holdout(ds: Dataset, fraction: float) -> Dataset:
         name=ds.name, classes=ds.classes, channels=ds.channels, image_size=ds.image_size,
         mean=ds.mean, std=ds.std, source=ds.source, license=ds.license, loader=load,
         split_names=["train", "test"], pending=ds.pending, fixed_size=ds.fixed_size,
-        image_files=ds.image_files,
+        image_files=ds.image_files, unpickles=ds.unpickles,
         fingerprinter=lambda: hashlib.sha256(
             f"{ds.fingerprint()}|holdout={fraction!r}|seed={HOLDOUT_SEED}".encode()).hexdigest(),
     )

@@ -109,6 +109,7 @@ def _cifar_factory(name: str) -> DatasetFactory:
             loader=load,
             split_names=["train", "test"],
             fingerprinter=_files_fingerprint(f"{name}:pickle", files),
+            unpickles=True,
             **meta,
         )
 

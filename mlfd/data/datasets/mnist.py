@@ -143,6 +143,7 @@ def _mnist(root: Path, download: bool) -> Dataset:
                     formats.read_mnist_pickle(p, _known(MNIST_PICKLE_DIGESTS)))),
                 split_names=["train", "val", "test"],
                 fingerprinter=_files_fingerprint("mnist:pickle", [pickled]),
+                unpickles=True,
                 **_MNIST_META,
             )
     files = _idx_files_or_download(
