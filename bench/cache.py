@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -173,6 +174,67 @@ def write(group, n: int, views: int, arrays: dict, dtype: str, source, block: in
     return spent + time.perf_counter() - t0
 
 
+# --------------------------------------------------------------------------- roofline
+
+
+def _chunks_of(values: np.ndarray, chunk_shape: tuple) -> list[np.ndarray]:
+    """``values`` cut into the store's inner chunks (sample axis, and the view axis of
+    (N, V, ...) arrays chunked one view at a time), each contiguous, as zarr hands them to
+    the codec."""
+    rows, per_view = chunk_shape[0], len(chunk_shape) >= 3 and chunk_shape[1] == 1
+    out = []
+    for s in range(0, values.shape[0], rows):
+        block = values[s:s + rows]
+        if per_view:
+            out += [np.ascontiguousarray(block[:, v:v + 1]) for v in range(values.shape[1])]
+        else:
+            out.append(np.ascontiguousarray(block))
+    return out
+
+
+def _pool_time(fn, items: list, threads: int) -> tuple[float, list]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        t0 = time.perf_counter()
+        out = list(pool.map(fn, items))
+        return time.perf_counter() - t0, out
+
+
+def roofline(arrays: dict[str, np.ndarray], chunk_shapes: dict, codec: str, clevel: int,
+             files: list[Path]) -> dict:
+    """The limit any cache path on this machine works against: the bare codec (numcodecs
+    Blosc with byte shuffle, as the store's inner chunks use it; its internal threads off,
+    chunks spread over a thread pool: 1 thread and one per core) compressing and
+    decompressing the same chunks, and a plain read of the group's files (warm page cache:
+    they were just written)."""
+    import numcodecs.blosc as nb
+    from numcodecs import Blosc
+
+    chunks = [c for k, v in arrays.items() for c in _chunks_of(v, chunk_shapes[k])]
+    nbytes = sum(c.nbytes for c in chunks)
+    nb.set_nthreads(1)
+    if codec == "none":  # no compressor: the limit is a copy
+        enc = dec = (lambda c: bytes(memoryview(c).cast("B")))
+    else:
+        b = Blosc(cname=codec, clevel=clevel, shuffle=Blosc.SHUFFLE)
+        enc, dec = b.encode, b.decode
+    out = {"threads": os.cpu_count(), "chunks": len(chunks)}
+    for threads, tag in ((1, "_1thread"), (os.cpu_count() or 1, "")):
+        best_c = best_d = float("inf")
+        for _ in range(2):  # the better of two: other work on the machine only slows
+            tc, packed = _pool_time(enc, chunks, threads)
+            td, _ = _pool_time(dec, packed, threads)
+            best_c, best_d = min(best_c, tc), min(best_d, td)
+        out[f"compress_GBps{tag}"] = round(nbytes / best_c / 1e9, 3)
+        out[f"decompress_GBps{tag}"] = round(nbytes / best_d / 1e9, 3)
+    out["codec_ratio"] = round(nbytes / sum(len(p) for p in packed), 2)
+    t0 = time.perf_counter()
+    read = sum(len(f.read_bytes()) for f in files)
+    out["file_read_GBps"] = round(read / (time.perf_counter() - t0) / 1e9, 3)
+    return out
+
+
 # --------------------------------------------------------------------------- epochs
 
 
@@ -226,7 +288,7 @@ def epoch_in_memory(arrays: dict[str, torch.Tensor], n: int, views: int, epoch: 
 
 
 def epoch_streamed(zg, names, feed, resident, n: int, views: int, epoch: int, batch: int,
-                   step: Step, prefetch: int) -> tuple[float, float]:
+                   step: Step, prefetch: int, convert: bool = True) -> tuple[float, float]:
     """One epoch with a reader of its own (a cold start): (epoch seconds, seconds until
     the first batch's targets were at hand)."""
     from mlfd.cache.stream import TargetStream
@@ -237,7 +299,8 @@ def epoch_streamed(zg, names, feed, resident, n: int, views: int, epoch: int, ba
     order = chunk_order(n, epoch, 0, views, feed.chunk_rows, feed.window)
     for t in TargetStream(zg, names, order, batch, chunk_rows=feed.chunk_rows,
                           window=feed.window, prefetch=prefetch, resident=resident):
-        _consume(t)
+        if convert:
+            _consume(t)
         first = time.perf_counter() - t0 if first is None else first
         step()
     return time.perf_counter() - t0, first
@@ -291,7 +354,7 @@ def run_case(name: str, root: Path, n: int, views: int, arrays: dict, source, ar
     zg = group.open_read()  # the integrity check distill runs before reading
     check_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loaded = {k: zg[k][...] for k in names}
+    loaded = group.load(names)  # as distill loads targets whole (its check is memoised)
     read_s = time.perf_counter() - t0
     tensors = group.tensors(loaded) if hasattr(group, "tensors") else {
         k: torch.from_numpy(v) for k, v in loaded.items()}
@@ -319,10 +382,15 @@ def run_case(name: str, root: Path, n: int, views: int, arrays: dict, source, ar
     print(f"[{name}] disk {format_size(disk)} ({res['compression_vs_fp32']}x vs fp32), "
           f"write {res['write_GBps']} GB/s, read {res['read_GBps']} GB/s, check {check_s:.1f} s",
           flush=True)
+    files = [f for k in names for f in sorted((group.path / k / "c").rglob("*")) if f.is_file()]
+    res["roofline"] = roofline(loaded, {k: tuple(zg[k].chunks) for k in names}, used["codec"]
+                               if used["clevel"] is not None else "zstd",
+                               used["clevel"] if used["clevel"] is not None else 5, files)
     del loaded
     # the reader alone: how fast streaming can feed, whatever the step
+    # batches as stored (fp16): converting them is the step's work, on its device
     feed_s, _ = epoch_streamed(zg, names, feed, resident, n, views, 0, args.batch,
-                               Step("sleep", 0.0), PREFETCH)
+                               Step("sleep", 0.0), PREFETCH, convert=False)
     # one view of each streamed sample is read (chunk_order draws views per chunk)
     streamed_bytes = (decoded - sum(n * row[k] * item for k in feed.resident)) // views
     res["stream_read_s"] = round(feed_s, 2)
@@ -330,6 +398,14 @@ def run_case(name: str, root: Path, n: int, views: int, arrays: dict, source, ar
     res["stream_images_per_s"] = round(n / feed_s, 1)
     # an accelerator step longer than this hides the decoding entirely
     res["stream_ms_per_batch"] = round(feed_s / -(-n // args.batch) * 1000, 1)
+    roof = res["roofline"]
+    res["fraction_of_codec"] = {
+        "write": round(res["write_GBps"] / roof["compress_GBps"], 3),
+        "read": round(res["read_GBps"] / roof["decompress_GBps"], 3),
+        "stream": round(res["stream_read_GBps"] / roof["decompress_GBps"], 3)}
+    print(f"[{name}] bare codec ({roof['threads']} threads): compress {roof['compress_GBps']} "
+          f"GB/s, decompress {roof['decompress_GBps']} GB/s, files {roof['file_read_GBps']} "
+          f"GB/s; mlfd as a fraction of it: {res['fraction_of_codec']}", flush=True)
     res["epochs"] = {}
     for kind in args.steps:
         for ms in args.step_ms:
@@ -360,9 +436,14 @@ def run_case(name: str, root: Path, n: int, views: int, arrays: dict, source, ar
                   f"{m:.2f} s, streamed {s:.2f} s ({s / m:.2f}x; first epoch "
                   f"{streamed[0][0] / m:.2f}x, whole run {run_ratio:.2f}x, after the first "
                   f"batch {s_steady / m_steady:.2f}x)", flush=True)
+    frac = res["fraction_of_codec"]
+    # issue 24's targets: against the bare codec on the same cores, in the same run
     res["targets"] = {
         "compression_vs_fp32>=2": res["compression_vs_fp32"] >= 2,
-        **{f"streaming_epoch<=1.10x ({k} step)": v["ratio_streaming_vs_in_memory"] <= 1.10
+        "write>=0.5_of_codec": frac["write"] >= 0.5,
+        "read>=0.7_of_codec": frac["read"] >= 0.7,
+        "stream>=0.5_of_codec": frac["stream"] >= 0.5,
+        **{f"streaming_epoch<=1.05x ({k} step)": v["ratio_streaming_vs_in_memory"] <= 1.05
            for k, v in res["epochs"].items()},
         **{f"streaming_whole_run<=1.10x ({k} step)": v["ratio_whole_run"] <= 1.10
            for k, v in res["epochs"].items()}}
@@ -412,6 +493,8 @@ def main(argv=None) -> int:
         codecs.append((cname, int(level) if level else args.clevel))
 
     import mlfd  # noqa: F401  (the CPU-torch shim first)
+
+    importlib.import_module("zarr")  # once here, not inside the first case's write time
 
     info = machine()
     print(f"{info['cpu']} ({info['cores']} cores), load {info.get('loadavg_at_start')}",

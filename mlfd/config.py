@@ -154,7 +154,9 @@ class CacheConfig:
     logits_topk: NonNegativeInt = 0
     batch_size: Count = 256
     codec: Text = "zstd"  # zstd | lz4 | none (each chunk keeps its crc32c regardless)
-    clevel: Int = 5  # compression level 0-9
+    # compression level 0-9. 1: zstd 5 made files 1-2 % smaller for a several times slower
+    # write (bench/cache.py); a workdir keeps the level its experiment.yaml names
+    clevel: Int = 1
     # Where the teachers-L<K>.zarr / targets-L<K>.zarr stores live: a path or an fsspec URL
     # (file://, memory://, s3://, ...); default <workdir>/cache. Not part of any fingerprint.
     uri: Text | None = None

@@ -19,6 +19,8 @@ def _label(r: dict) -> str:
         return f"{r['model']} baseline ({r['arch']})"
     if r["model"] == "joint":
         return f"joint teacher L{r['levels']}"
+    if r["model"] == "amalgamated":
+        return f"amalgamated student L{r['levels']} ({r['arch']})"
     return f"student L{r['levels']} ({r['arch']})"
 
 
@@ -29,6 +31,8 @@ def _short_label(r: dict) -> str:
         return f"{r['model']} L{r['levels']}"
     if r["model"] in ("multi-head", "joint-head"):
         return f"{'MH' if r['model'] == 'multi-head' else 'JH'} {r['arch']}"
+    if r["model"] == "amalgamated":
+        return f"AM L{r['levels']} {r['arch']}"
     return "teacher"
 
 
@@ -39,7 +43,7 @@ def _measured(r: dict) -> bool:
 def _gain(r: dict, rows: list[dict]) -> float | None:
     """A student's top-1 gain over its same-architecture dataset-specific teacher; only
     between complete, up-to-date results."""
-    if r["model"] != "student" or not _measured(r):
+    if r["model"] not in ("student", "amalgamated") or not _measured(r):
         return None
     base = [t for t in rows if t["dataset"] == r["dataset"] and t["model"] == "teacher"
             and _measured(t)]
@@ -87,6 +91,8 @@ def rich_table(rows: list[dict], title: str | None = None) -> Table:
     caption = "gain: top-1 minus the teacher's"
     if any(r["model"] in ("multi-head", "joint-head") for r in rows):
         caption += "; MH/JH: multi/joint-head baseline"
+    if any(r["model"] == "amalgamated" for r in rows):
+        caption += "; AM: amalgamated student"
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1),
                   collapse_padding=True, pad_edge=False)
     widths = {"dataset": 18, "model": 17, "status": 14}
@@ -186,7 +192,8 @@ def write_reports(ws: Workspace, rows: list[dict]) -> dict[str, str]:
 
 
 # --- mlfd compare: mean ± sample std over seeds ------------------------------------------
-_ORDER = {"teacher": 0, "multi-head": 1, "joint-head": 2, "joint": 3, "student": 4}
+_ORDER = {"teacher": 0, "multi-head": 1, "joint-head": 2, "joint": 3, "student": 4,
+          "amalgamated": 5}
 
 
 def _key(r: dict) -> tuple:

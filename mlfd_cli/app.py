@@ -22,8 +22,8 @@ class _HelpFlag:
 
 # The verbs in --help: the pipeline's order, then the rest. The modules that define them
 # register them in another order (check lives with the training verbs).
-VERBS = ("teach", "cache", "fuse", "distill", "eval", "compare", "check", "export", "list",
-         "clean", "info")
+VERBS = ("teach", "cache", "fuse", "distill", "eval", "compare", "check", "export", "predict",
+         "list", "clean", "info")
 
 
 class _Group(_HelpFlag, TyperGroup):

@@ -80,6 +80,12 @@ def compare(seeds: Annotated[list[int], typer.Option(
                 "--budget", metavar="RULE",
                 help="fixed | equal-images: how long teachers and students train, for this "
                      "run (default: the experiment's; see README, Budgets).")] = None,
+            settings: Annotated[list[str] | None, typer.Option(
+                "--set", metavar="KEY=VALUE",
+                help="Change the experiment for this run (repeatable): a dotted key of "
+                     "experiment.yaml, e.g. distill.epochs=4 or datasets.NAME.teach.epochs=12; "
+                     "VALUE is JSON or YAML. Like --epochs, written only into a new "
+                     "workdir's file.")] = None,
             workdir: Workdir = None, dataset: Datasets = None, preset: Preset = None,
             teacher: Teacher = None, device: Device = "auto", data_root: DataRoot = None,
             trust_data: TrustData = False, json_out: Json = False,
@@ -102,7 +108,7 @@ def compare(seeds: Annotated[list[int], typer.Option(
     from mlfd.engine.progress import log
     from mlfd.fastpaths import check_precision
     from mlfd.report import compare_table, write_compare
-    from mlfd.stages.compare import BASELINES
+    from mlfd.stages.compare import BASELINES, apply_settings
     from mlfd.stages.compare import compare as run
 
     if baselines not in BASELINES:
@@ -117,6 +123,7 @@ def compare(seeds: Annotated[list[int], typer.Option(
     if budget is not None:  # this run's rule, as --epochs is this run's epochs
         ws.exp.budget = budget
         ws.exp.validate()
+    ws.exp = apply_settings(ws.exp, settings or [])  # after --epochs & co: the finer value wins
     ks = sorted(set(levels or [session.levels(ws, None)]))
     for k in ks:
         session.levels(ws, k)

@@ -28,9 +28,11 @@ STATE_WORDS = {"ok": "complete"}
 
 
 def _stage_rows(ws) -> list[dict]:
-    """Status of every stage's results, read-only: teachers, joint L*, students, baselines."""
+    """Status of every stage's results, read-only: teachers, joint L*, students, amalgamated
+    students, baselines."""
     from mlfd.engine.artifact import Artifact
     from mlfd.engine.checkpoint import load_meta_safe
+    from mlfd.stages.amalgamate import amalgam_archs, amalgam_dir, amalgam_fingerprint, amalgam_name
     from mlfd.stages.baselines import baseline_fingerprint
     from mlfd.stages.common import trained_levels
     from mlfd.stages.distill import student_fingerprint
@@ -69,6 +71,11 @@ def _stage_rows(ws) -> list[dict]:
         for k in trained_levels(ws, "student", e.name) or [ws.exp.levels]:
             rows.append(row("distill", f"{e.name} L{k}", Artifact(ws.student_dir(e.name, k)),
                             lambda e=e, k=k: student_fingerprint(ws, e.name, k)))
+    for arch in amalgam_archs(ws):
+        for k in trained_levels(ws, "student", amalgam_name(arch)):
+            rows.append(row("amalgamate", f"amalgamated {arch} L{k}",
+                            Artifact(amalgam_dir(ws, arch, k)),
+                            lambda a=arch, k=k: amalgam_fingerprint(ws, a, k)))
     base = ws.root / "baselines"
     for d in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if base.is_dir() else []:

@@ -5,7 +5,7 @@ The entry point of `mlfd`, `python -m mlfd_cli.main` and `torchrun -m mlfd_cli.m
 from __future__ import annotations
 
 # importing the verb modules registers their verbs with the app
-from mlfd_cli import compare, housekeeping, report, train  # noqa: F401
+from mlfd_cli import compare, housekeeping, predict, report, train  # noqa: F401
 from mlfd_cli.errors import run
 
 

@@ -338,10 +338,17 @@ def dry_run(ws, opts, levels, as_json: bool, planner, *args) -> None:
                                      "reused": [vars(s) for s in plan.reused]}) + "\n")
 
 
-def report(ws, opts) -> tuple[list[dict], dict]:
+def report(ws, opts, plots: bool = False) -> tuple[list[dict], dict]:
     from mlfd.engine.distributed import is_main
     from mlfd.report import write_reports
     from mlfd.stages import evaluate
 
     rows = evaluate(ws, opts)  # under torchrun: every rank, each its shard of the test sets
-    return rows, write_reports(ws, rows) if is_main() else {}
+    if not is_main():
+        return rows, {}
+    reports = write_reports(ws, rows)
+    if plots:  # embedding maps and confusion matrices, linked from results.md
+        from mlfd.stages.embeddings import write_plots
+
+        reports.update(write_plots(ws, opts, Path(reports["markdown"])))
+    return rows, reports

@@ -238,7 +238,12 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
                      "windows, which the student's fingerprint records.")] = None,
             precision: Precision = "auto", skip_bad_images: SkipBadImages = False,
             max_image_pixels: MaxImagePixels = None,
-            drop_empty_classes: DropEmptyClasses = False):
+            drop_empty_classes: DropEmptyClasses = False,
+            amalgamate: Annotated[str | None, typer.Option(
+                "--amalgamate", metavar="ARCH",
+                help="Train ONE student of timm architecture ARCH with a head per dataset, "
+                     "on all datasets, from the same joint targets (instead of one student "
+                     "per dataset); saved under students/amalgamated-ARCH/LK.")] = None):
     """Distil students; first runs (and announces) any missing or stale teach/cache/fuse step.
 
     Up-to-date results are reused; the plan says why each step runs. Interrupted
@@ -248,6 +253,7 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
     Examples:\n
       mlfd distill --dataset fashion-mnist-mini --levels 2\n
       mlfd distill --dataset all --levels 1 --workdir mlfd-runs/demo\n
+      mlfd distill --amalgamate test_convnext --levels 2 --workdir mlfd-runs/demo\n
       mlfd distill --teacher data/a.npz=resnet18 --teacher data/b=efficientnet_b0 --dataset a
     """
     from mlfd.cache.stream import parse_size
@@ -265,12 +271,20 @@ def distill(workdir: Workdir = None, dataset: Datasets = None, levels: Levels = 
     session.set_cache_uri(ws, cache_uri)
     k = session.levels(ws, levels)
     names = session.names(ws, dataset)
+    if amalgamate is not None:
+        if dataset and "all" not in dataset:
+            raise MlfdError("--amalgamate trains one student on every dataset of the "
+                            "experiment: leave out --dataset")
+        from mlfd.stages.amalgamate import check_arch
+
+        check_arch(amalgamate)
     relaunch.distribute(nproc, ws, opts, k, ("teach", "fuse", "distill"), dry_run)
     if dry_run:
         return session.dry_run(ws, opts, k, json_out, plan_distill, names, k, force, restart,
-                               cache_budget(opts, nproc))  # the budget each of nproc would have
+                               cache_budget(opts, nproc),  # the budget each of nproc would have
+                               amalgamate)
     with session.locked(ws, opts, k):
-        steps = run_distill(ws, opts, names, k, skip_bad_images)
+        steps = run_distill(ws, opts, names, k, skip_bad_images, amalgamate)
         rows, reports = session.report(ws, opts)
     session.emit(json_out, {"workdir": str(ws.root), "levels": k, "steps": [vars(s) for s in steps],
                             "rows": rows, "reports": reports}, rows)

@@ -1,203 +1,119 @@
-"""bench/accuracy.py: mean ± std over seeds, only complete results, same-arch baselines."""
+"""bench/accuracy.py: a thin caller of `mlfd compare`, its results named and described."""
 
+import datetime as dt
 import importlib.util
+import json
+import statistics
 from pathlib import Path
 
 import pytest
+import yaml
+from helpers import make_npz, run
 
-spec = importlib.util.spec_from_file_location(
-    "accuracy", Path(__file__).resolve().parents[1] / "bench" / "accuracy.py")
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+spec = importlib.util.spec_from_file_location("accuracy", BENCH / "accuracy.py")
 accuracy = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(accuracy)
 
-
-def _row(dataset, model, top1, arch="a", levels=None, status="complete", top5=None):
-    return dict(dataset=dataset, model=model, arch=arch, levels=levels, status=status,
-                top1=top1, top5=top5)
+TINY = ["--input-size", "32", "--epochs", "1", "--batch-size", "16", "--pipeline", "torch"]
 
 
-def test_aggregate_by_hand():
-    seeds = [
-        {"rows": [_row("d", "teacher", 0.50), _row("d", "student", 0.60, levels=2, top5=0.9),
-                  _row("d", "multi-head", 0.40, arch="a"), _row("d", "multi-head", 0.1, arch="b"),
-                  _row("d", "student", None, levels=1, status="incomplete")]},
-        {"rows": [_row("d", "teacher", 0.54), _row("d", "student", 0.64, levels=2, top5=0.8),
-                  _row("d", "multi-head", 0.44, arch="a"),
-                  _row("d", "student", 0.99, levels=1, status="stale")]},
-    ]
-    agg = accuracy.aggregate(seeds)["d"]
-    assert agg["teacher (a)"]["top1_mean"] == pytest.approx(52.0)
-    # sample std of (50, 54) = sqrt(((-2)^2 + 2^2) / 1) = 2.828...
-    assert agg["teacher (a)"]["top1_std"] == pytest.approx(8 ** 0.5)
-    assert agg["student L2"]["top5_mean"] == pytest.approx(85.0)
-    assert agg["multi-head (b)"]["n_seeds"] == 1 and agg["multi-head (b)"]["top1_std"] == 0.0
-    assert "student L1" not in agg  # neither incomplete nor stale results count
-    table = accuracy.markdown({"d": agg}, seeds, [2])
-    assert "| MLFD student L2 | 62.00 ± 2.83 |" in table
-    assert "| multi-head (same arch) | 42.00 ± 2.83 |" in table  # arch a, not b
-    assert "| joint-head (same arch) | — |" in table
-    seeds[0]["rows"].append(_row("d", "joint-head", 0.3))  # in one of the two seeds only
-    table = accuracy.markdown({"d": accuracy.aggregate(seeds)["d"]}, seeds, [2])
-    assert "| joint-head (same arch) | 30.00 (n=1) |" in table
+def test_two_seeds_mean_std_and_per_seed_values_are_the_seeds_own_eval(tmp_path, capsys):
+    a = make_npz(tmp_path / "a.npz", 0, classes=2, n_train=32, n_test=16)
+    b = make_npz(tmp_path / "b.npz", 1, classes=3, n_train=48, n_test=18)
+    results_before = sorted(p.name for p in (BENCH / "results").iterdir())
+    # an earlier run's file in the variant's workdir (another --set): the command wins
+    stale = tmp_path / "root" / "custom-t" / "experiment.yaml"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(yaml.safe_dump({"datasets": [
+        {"name": n, "source": str(p), "arch": "test_resnet", "input_size": 32}
+        for n, p in (("a", a), ("b", b))], "distill": {"soft_weight": 0.1}}))
+    argv = ["--teacher", f"{a}=test_resnet", "--teacher", f"{b}=test_resnet",
+            "--seeds", "0", "1", "--levels", "1", "--device", "cpu", "--tag", "t",
+            "--no-baselines", "--set", "distill.temperature=3", "--root", str(tmp_path / "root"),
+            "--out", str(tmp_path / "res"), "--", *TINY]
+    doc = accuracy.main(argv)
+    capsys.readouterr()
+    today = dt.date.today().isoformat()
+    out = tmp_path / "res" / f"accuracy-custom-t-{today}.json"
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc, default=str))
+    assert doc["seeds"] == [0, 1] and doc["levels"] == [1] and doc["date"] == today
+    assert doc["machine"]["cores"] >= 1 and doc["versions"]["torch"]
+    assert doc["command"].startswith("python bench/accuracy.py --teacher")
+    assert "--set distill.temperature=3" in doc["compare_command"]
+    assert doc["experiment"]["distill"]["temperature"] == 3
+    assert doc["experiment"]["distill"]["soft_weight"] == 0.6  # the default, not the file's
+
+    # every number against what `mlfd eval` reports in that seed's own workdir
+    evals = {}
+    for s in (0, 1):
+        seed_dir = tmp_path / "root" / "custom-t" / "compare" / f"seed-{s}"
+        on_disk = yaml.safe_load((seed_dir / "experiment.yaml").read_text())
+        assert on_disk["seed"] == s and on_disk["distill"]["temperature"] == 3
+        assert on_disk["distill"]["soft_weight"] == 0.6
+        code, stdout, err = run(capsys, "eval", "--workdir", seed_dir, "--json", "--device",
+                                "cpu", "--pipeline", "torch")
+        assert code == 0, err
+        evals[s] = {(r["dataset"], r["model"], r["arch"], r["levels"]): r["top1"]
+                    for r in json.loads(stdout)["rows"]}
+    agg = {(x["dataset"], x["model"], x["arch"], x["levels"]): x for x in doc["aggregate"]}
+    assert {k[1] for k in agg} == {"teacher", "joint", "student"}
+    assert {k[0] for k in agg} == {"a", "b"}
+    md = out.with_suffix(".md").read_text()
+    for key, x in agg.items():
+        per_seed = [evals[0][key], evals[1][key]]
+        assert [x["per_seed"][str(s)] for s in (0, 1)] == per_seed, key
+        assert x["mean"] == pytest.approx(statistics.fmean(per_seed), abs=1e-12)
+        assert x["std"] == pytest.approx(statistics.stdev(per_seed), abs=1e-12)
+        assert f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f} | " \
+               f"{100 * per_seed[0]:.2f} | {100 * per_seed[1]:.2f} |" in md
+    assert md.startswith(f"# Accuracy: custom-t, {today}") and doc["command"] in md
+    # nothing was written into the checkout
+    assert sorted(p.name for p in (BENCH / "results").iterdir()) == results_before
 
 
-def test_set_values_change_the_preset_where_they_say():
-    from mlfd.presets import get_preset
-
-    exp = get_preset("trio")
-    accuracy.set_value(exp, "datasets.animal-mnist.teach.epochs=12")
-    accuracy.set_value(exp, "distill.lr=5e-4")
-    assert exp.stage("teach", "animal-mnist").epochs == 12
-    assert exp.stage("teach", "mnist").epochs == 2  # the other datasets keep the section's
-    assert exp.distill.lr == 5e-4 and isinstance(exp.distill.lr, float)
-    for wrong in ("distill.nope=1", "datasets.mnist.fuse.epochs=1", "distill.lr"):
-        with pytest.raises(SystemExit):
-            accuracy.set_value(exp, wrong)
-
-
-def test_include_takes_only_seeds_of_the_same_experiment(tmp_path):
-    import argparse
-    import json
-
-    earlier = tmp_path / "earlier.json"
-    per_seed = [{"seed": 0, "rows": [_row("d", "teacher", 0.5)], "seconds": {}},
-                {"seed": 1, "rows": [_row("d", "teacher", 0.7)], "seconds": {}}]
-    earlier.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "per_seed": per_seed}))
-    args = argparse.Namespace(include=[earlier], preset="trio", levels=[1, 2], holdout=0.0,
-                              set=[], seeds=[1, 2], recipe="r1")
-    kept, wall = accuracy.include(args)
-    assert [s["seed"] for s in kept] == [0] and kept[0]["included_from"] == "earlier.json"
-    later = tmp_path / "later.json"
-    later.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "wall_seconds": 7.5,
-                                 "per_seed": [dict(per_seed[1], seed=2)]}))
-    kept, wall = accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [],
-                                                        "include": [later, earlier]}))
-    assert [s["seed"] for s in kept] == [0, 1, 2] and wall == 7.5
-    # a seed in two files: the later file's rows, the earlier stage times kept beside them
-    resumed = tmp_path / "resumed.json"
-    resumed.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "per_seed": [
-        {"seed": 1, "rows": [_row("d", "teacher", 0.9)], "seconds": {"b": 2}}]}))
-    per_seed[1]["seconds"] = {"a": 1}
-    earlier.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "per_seed": per_seed}))
-    kept, _ = accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [],
-                                                     "include": [earlier, resumed]}))
-    one = [s for s in kept if s["seed"] == 1]
-    assert len(one) == 1 and one[0]["rows"][0]["top1"] == 0.9
-    assert one[0]["seconds"] == {"b": 2} and one[0]["earlier_seconds"] == [{"a": 1}]
-    assert one[0]["included_from"] == "earlier.json, resumed.json"
-    for other in ({"holdout": 0.1}, {"levels": [2]}):
-        with pytest.raises(SystemExit, match="another experiment"):
-            accuracy.include(argparse.Namespace(**{**vars(args), **other}))
-    with pytest.raises(SystemExit, match="no seed"):
-        accuracy.include(argparse.Namespace(**{**vars(args), "seeds": [0, 1]}))
+def test_names_and_where_results_go(tmp_path):
+    today = "2026-12-07"
+    args = accuracy.parse(["--preset", "trio", "--holdout", "0.1", "--tag", "x",
+                           "--root", str(tmp_path)])
+    name = accuracy.name_of(args)
+    assert name == "trio-holdout0.1-x"
+    assert accuracy.outputs(args, name, today)[0] == \
+        tmp_path / "results" / f"accuracy-trio-holdout0.1-x-{today}.json"
+    saved = accuracy.parse(["--save"])
+    assert accuracy.outputs(saved, "demo", today) == (
+        BENCH / "results" / f"accuracy-demo-{today}.json",
+        BENCH / "results" / f"accuracy-demo-{today}.md")
+    assert saved.preset == "demo" and saved.root == accuracy.default_root()
+    one = accuracy.parse(["--out", str(tmp_path / "r.json")])
+    assert accuracy.outputs(one, "demo", today)[1] == tmp_path / "r.md"
+    custom = accuracy.parse(["--teacher", "a.npz=test_resnet", "--teacher", "b=test_vit"])
+    assert custom.preset is None and accuracy.name_of(custom) == "custom"
 
 
-def test_each_variant_has_its_own_workdir_and_log(tmp_path):
-    import argparse
-
-    a = argparse.Namespace(work=tmp_path, name="trio-holdout0.1")
-    b = argparse.Namespace(work=tmp_path, name="trio-holdout0.1-equal-images")
-    (wa, la), (wb, lb) = accuracy.workdir(a, 0), accuracy.workdir(b, 0)
-    assert (wa.name, la.name) == ("trio-holdout0.1-seed0", "trio-holdout0.1-seed0.log")
-    assert wb != wa and lb.name == "trio-holdout0.1-equal-images-seed0.log"
-
-
-def test_a_changed_recipe_is_never_merged(tmp_path):
-    import argparse
-    import json
-
-    args = argparse.Namespace(preset="trio", levels=[1, 2], holdout=0.0, set=[], seeds=[1])
-    plain = accuracy.recipe(args)
-    # the same experiment spelled as --set values has the same recipe; another value not
-    same = argparse.Namespace(**{**vars(args), "set": ["distill.epochs=2"]})
-    other = argparse.Namespace(**{**vars(args), "set": ["datasets.animal-mnist.teach.epochs=12"]})
-    assert accuracy.recipe(same) == plain != accuracy.recipe(other)
-    assert accuracy.recipe(argparse.Namespace(**{**vars(args), "seeds": [5]})) == plain
-    f = tmp_path / "r.json"
-    f.write_text(json.dumps({"preset": "trio", "levels": [1, 2], "recipe": plain,
-                             "per_seed": [{"seed": 0, "rows": [_row("d", "teacher", 0.5)],
-                                           "seconds": {}}]}))
-    ok = argparse.Namespace(**{**vars(args), "include": [f], "recipe": plain})
-    assert [s["seed"] for s in accuracy.include(ok)[0]] == [0]
-    with pytest.raises(SystemExit, match="another experiment"):
-        accuracy.include(argparse.Namespace(**{**vars(ok), "recipe": accuracy.recipe(other)}))
+def test_options_map_onto_compare(tmp_path):
+    args = accuracy.parse(["--preset", "trio", "--seeds", "3", "4", "--levels", "2",
+                           "--no-baselines", "--data-root", "/d", "--holdout", "0.1",
+                           "--set", "a.b=1", "--set", "c=2", "--", "--epochs", "2"])
+    cmd = accuracy.compare_argv(args, tmp_path / "w")
+    assert cmd == ["compare", "--workdir", str(tmp_path / "w"), "--seeds", "3", "4",
+                   "--levels", "2", "--baselines", "none", "--device", "auto",
+                   "--preset", "trio", "--data-root", "/d", "--holdout", "0.1",
+                   "--set", "a.b=1", "--set", "c=2", "--epochs", "2"]
 
 
-def test_a_dataset_values_dict_can_be_set_whole():
-    from mlfd.presets import get_preset
-
-    exp = get_preset("trio")
-    assert exp.stage("teach", "animal-mnist").epochs == 15
-    accuracy.set_value(exp, "datasets.animal-mnist.teach={}")  # the preset before 07768bf
-    assert exp.stage("teach", "animal-mnist").epochs == 2 == exp.teach.epochs
-    assert exp.stage("distill", "animal-mnist").epochs == 15  # the other section untouched
-    with pytest.raises(SystemExit, match="expected"):
-        accuracy.set_value(exp, "datasets.animal-mnist.teach=3")
-
-
-def test_baseline_recipe_changes_only_with_what_baselines_train_on():
-    import argparse
-
-    def digests(*values):
-        a = argparse.Namespace(preset="trio", levels=[1, 2], holdout=0.0, set=list(values))
-        return accuracy.recipe(a), accuracy.baseline_recipe(a)
-
-    plain = digests()
-    # a dataset's own epochs: the students and teachers change, a baseline's epoch is a pass
-    # over the largest dataset at the section's count, so the baselines do not
-    for same in (["datasets.animal-mnist.teach={}", "datasets.animal-mnist.distill={}"],
-                 ["distill.epochs=3"], ["fuse.lr=0.01"]):
-        r, b = digests(*same)
-        assert r != plain[0] and b == plain[1], same
-    for other in (["teach.epochs=3"], ["datasets.animal-mnist.teach.lr=0.01"],
-                  ["teach.weight_decay=0.1"]):
-        r, b = digests(*other)
-        assert r != plain[0] and b != plain[1], other
-
-
-def test_include_takes_baselines_from_a_file_whose_baselines_match(tmp_path):
-    import argparse
-    import json
-
-    def doc(recipe, baseline_recipe, per_seed):
-        return json.dumps({"preset": "trio", "levels": [1, 2], "recipe": recipe,
-                           "baseline_recipe": baseline_recipe, "per_seed": per_seed})
-
-    old = tmp_path / "old.json"  # another recipe, the same baselines: seeds 0 and 1
-    old.write_text(doc("r0", "b", [
-        {"seed": s, "rows": [_row("d", "teacher", 0.1), _row("d", "multi-head", 0.4 + s / 10)],
-         "seconds": {"distill-L1": 9, "multi-head-a": 5 + s}} for s in (0, 1)]))
-    models = tmp_path / "models.json"  # this recipe, models only, seeds 0-2
-    models.write_text(doc("r1", "b", [
-        {"seed": s, "rows": [_row("d", "teacher", 0.9), _row("d", "student", 0.95, levels=1)],
-         "seconds": {"distill-L1": 3}} for s in (0, 1, 2)]))
-    args = argparse.Namespace(include=[old, models], preset="trio", levels=[1, 2],
-                              holdout=0.0, seeds=[], recipe="r1", baseline_recipe="b")
-    kept, _ = accuracy.include(args)
-    assert [s["seed"] for s in kept] == [0, 1, 2]
-    s0 = kept[0]
-    # the old recipe's teacher (0.1) never enters; its baselines do
-    assert sorted((r["model"], r["top1"]) for r in s0["rows"]) == [
-        ("multi-head", 0.4), ("student", 0.95), ("teacher", 0.9)]
-    assert s0["seconds"] == {"distill-L1": 3, "multi-head-a": 5}
-    assert s0["parts"] == ["models", "baselines"] and kept[2]["parts"] == ["models"]
-    assert s0["included_from"] == "old.json, models.json"
-    # models run now without baselines: the included baselines complete those seeds
-    now = argparse.Namespace(**{**vars(args), "include": [old], "seeds": [1], "baselines": False})
-    inc, _ = accuracy.include(now)
-    assert [(s["seed"], s["parts"]) for s in inc] == [(0, ["baselines"]), (1, ["baselines"])]
-    ran = [{"seed": 1, "rows": [_row("d", "teacher", 0.8), _row("d", "multi-head", 0.0)],
-            "seconds": {}}]
-    merged = accuracy.combine(inc, ran)
-    one = next(s for s in merged if s["seed"] == 1)
-    # the run's own baseline row (a leftover in its workdir) gives way to the included part
-    assert sorted((r["model"], r["top1"]) for r in one["rows"]) == [
-        ("multi-head", 0.5), ("teacher", 0.8)]
-    assert accuracy.aggregate(merged)["d"]["multi-head (a)"]["per_seed_top1"] == [40.0, 50.0]
-    # baselines run now as well: nothing of the old file is left to take
-    with pytest.raises(SystemExit, match="no seed"):
-        accuracy.include(argparse.Namespace(**{**vars(now), "seeds": [0, 1],
-                                               "baselines": True}))
-    # neither the recipe nor the baselines' recipe: refused
-    with pytest.raises(SystemExit, match="another experiment"):
-        accuracy.include(argparse.Namespace(**{**vars(args), "baseline_recipe": "c"}))
+def test_bad_input_is_one_error_line_and_writes_no_results(tmp_path, capsys):
+    a = make_npz(tmp_path / "a.npz", 0, classes=2, n_train=32, n_test=16)
+    b = make_npz(tmp_path / "b.npz", 1, classes=2, n_train=32, n_test=16)
+    common = ["--teacher", f"{a}=test_resnet", "--teacher", f"{b}=test_resnet",
+              "--root", str(tmp_path / "root"), "--out", str(tmp_path / "res")]
+    for argv, says in ((["--set", "distill.nope=1"], "distill.nope: unknown key"),
+                       (["--preset", "demo"], "either --preset or --teacher"),
+                       (["--baselines", "some"], "invalid choice")):
+        with pytest.raises(SystemExit) as e:
+            accuracy.main(common + argv + ["--", *TINY])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and says in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "res").exists()

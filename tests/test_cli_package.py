@@ -10,9 +10,9 @@ from helpers import run
 # lower rank first; modules of one rank must not import each other
 RANKS = {"mlfd_cli.app": 0, "mlfd_cli.session": 1, "mlfd_cli.errors": 2, "mlfd_cli.relaunch": 3,
          "mlfd_cli.train": 4, "mlfd_cli.report": 4, "mlfd_cli.housekeeping": 4,
-         "mlfd_cli.compare": 4, "mlfd_cli.main": 5}
-VERBS = ["teach", "cache", "fuse", "distill", "eval", "compare", "check", "export", "list",
-         "clean", "info"]
+         "mlfd_cli.compare": 4, "mlfd_cli.predict": 4, "mlfd_cli.main": 5}
+VERBS = ["teach", "cache", "fuse", "distill", "eval", "compare", "check", "export", "predict",
+         "list", "clean", "info"]
 
 
 def test_the_cli_modules_import_only_downward():

@@ -3,6 +3,8 @@
 import json
 import statistics
 
+import pytest
+import yaml
 from helpers import bad, make_npz, run
 
 from mlfd.report import aggregate, spread_verdicts
@@ -16,7 +18,8 @@ def test_compare_two_seeds_writes_mean_std_and_per_seed_values(tmp_path, capsys)
     b = make_npz(tmp_path / "b.npz", 1, classes=3, n_train=48, n_test=18)
     w = tmp_path / "w"
     args = ["compare", "--teacher", f"{a}=test_resnet", "--teacher", f"{b}=test_resnet",
-            "--workdir", w, "--seeds", 0, 1, "--levels", 1, "--baselines", "none", *TINY_RUN]
+            "--workdir", w, "--seeds", 0, 1, "--levels", 1, "--baselines", "none",
+            "--set", "distill.temperature=3", *TINY_RUN]
     code, out, err = run(capsys, *args)
     assert code == 0, err
     doc = json.loads((w / "reports" / "compare.json").read_text())
@@ -25,6 +28,9 @@ def test_compare_two_seeds_writes_mean_std_and_per_seed_values(tmp_path, capsys)
     for s in (0, 1):
         assert (w / "compare" / f"seed-{s}" / "teachers" / "a" / "last.safetensors").exists()
         assert (w / "compare" / f"seed-{s}" / "students" / "b" / "L1").is_dir()
+        # --set reaches every seed's experiment
+        seed_exp = yaml.safe_load((w / "compare" / f"seed-{s}" / "experiment.yaml").read_text())
+        assert seed_exp["distill"]["temperature"] == 3 and seed_exp["seed"] == s
     agg = {(x["dataset"], x["model"], x["levels"]): x for x in doc["aggregate"]}
     for key in [("a", "teacher", None), ("b", "student", 1), ("a", "joint", 1)]:
         x = agg[key]
@@ -88,3 +94,42 @@ def test_a_joint_teacher_below_the_teacher_is_named_once_per_dataset_and_level()
     assert lines == ["a: the joint teacher L1 (75.00 %) is below a's own teacher (80.00 %) on "
                      "the test: its students are not expected to beat the teacher"]
     assert f"- {lines[0]}" in markdown(rows)
+
+
+def test_set_values_change_the_experiment_where_they_say():
+    from mlfd.errors import MlfdError
+    from mlfd.presets import get_preset
+    from mlfd.stages.compare import apply_settings
+
+    exp = get_preset("trio")
+    assert exp.stage("teach", "animal-mnist").epochs == 15
+    new = apply_settings(exp, ["datasets.animal-mnist.teach.epochs=12", "distill.lr=5e-4",
+                               "budget=fixed", "cache.views=2"])
+    assert new.stage("teach", "animal-mnist").epochs == 12
+    assert new.stage("teach", "mnist").epochs == 2  # the other datasets keep the section's
+    assert new.distill.lr == 5e-4 and isinstance(new.distill.lr, float)
+    assert (new.budget, new.cache.views) == ("fixed", 2)
+    assert exp.stage("teach", "animal-mnist").epochs == 15 and exp.distill.lr != 5e-4
+    # a dataset's values replaced whole: {} is the section's (trio before 07768bf)
+    whole = apply_settings(exp, ["datasets.animal-mnist.teach={}"])
+    assert whole.stage("teach", "animal-mnist").epochs == 2 == whole.teach.epochs
+    assert whole.stage("distill", "animal-mnist").epochs == 15  # the other section untouched
+    for wrong, says in (("distill.nope=1", "distill.nope: unknown key"),
+                        ("datasets.mnist.fuse.epochs=1", "datasets.mnist.fuse is not a section"),
+                        ("distill.lr", "expected KEY=VALUE"),
+                        ("datasets.animal-mnist.teach=3", "expected a mapping, got 3"),
+                        ("distill.epochs=0", "distill.epochs: expected an integer >= 1"),
+                        ("datasets.mnist.teach.nope=1", "unknown key(s) nope"),
+                        ("datasets.zzz.teach.epochs=1", "'zzz' is not part of this experiment"),
+                        ("seed=3", "set it with --seeds"),
+                        ("budget=sometimes", "choose fixed, equal-images")):
+        with pytest.raises(MlfdError, match="^--set ") as e:
+            apply_settings(exp, [wrong])
+        assert says in str(e.value), (wrong, str(e.value))
+
+
+def test_bad_set_is_one_line_and_writes_nothing(tmp_path, capsys):
+    line = bad(capsys, "compare", "--preset", "demo", "--workdir", tmp_path / "w",
+               "--set", "teach.epochz=3")
+    assert "--set teach.epochz=3: teach.epochz: unknown key (did you mean 'epochs'?)" in line
+    assert not (tmp_path / "w").exists()

@@ -226,6 +226,8 @@ def test_disk_full_during_cache(ws, capsys, monkeypatch):
     import zarr
     from zarr.storage import _local
 
+    from mlfd.cache import shards
+
     g = ws / "cache/teachers-L2.zarr/alpha/train"
     before = zarr.open_group(str(g), mode="r")["alpha"][...]
     real_put = _local._put
@@ -238,8 +240,14 @@ def test_disk_full_during_cache(ws, capsys, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_put(path, value, exclusive)
 
+    def write_file(path, parts):  # mlfd's own shard writer (mlfd.cache.shards)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"\0" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     with monkeypatch.context() as m:
         m.setattr(_local, "_put", put)
+        m.setattr(shards, "write_file", write_file)
         code, _, err = run(capsys, "cache", "--workdir", ws, "--levels", 2, "--force", *LOCAL)
     errors = _lines(err, "error:")
     assert code == 3 and len(errors) == 1 and "Traceback" not in err, err

@@ -26,6 +26,7 @@ from .integrity import (
 )
 from .layout import FORMAT, MANIFEST, _LocalDir, _RemoteDir, _zarr, to_tensor
 from .quant import QUANTISED, dequantised, scale_name
+from .shards import read_rows
 from .writer import StagedWrites
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ class CacheGroup(StagedWrites):
         g = _zarr().open_group(store=self.zarr_store(), mode="r")
         for k in names:
             try:
-                out[k] = g[k][...] if rows is None else g[k][rows[0]:rows[1]]
+                out[k] = read_rows(g[k], *(rows or (0, None)))
             except DECODE_ERRORS as e:  # damage check() did not see: still one clear line
                 recorded = self.record_damage(k, type(e).__name__)  # so a re-run rebuilds
                 raise CorruptArtifact(self._rebuild_hint(

@@ -49,6 +49,7 @@ from .layout import (
     rank_progress,
 )
 from .quant import QUANTISED, SCALE_SUFFIX, is_scale, quantise, scale_name, scale_shape
+from .shards import for_array
 
 
 def shard_ranges(n: int, step: int, world: int) -> list[tuple[int, int]]:
@@ -307,6 +308,7 @@ class CacheWriter:
         self._pos = {k: 0 for k in handles}  # row index of the caller's next append
         self._rows = rows or {k: (0, a.shape[0]) for k, a in handles.items()}
         self._shared = shared  # (rank, shares) in a sharded extraction; None: the only writer
+        self._direct: dict = {}  # name -> shards.ShardArray, or None: zarr-python writes it
 
     def cursor(self, name: str) -> int:
         """Rows of ``name`` already durable: production may resume at any row up to this
@@ -360,10 +362,24 @@ class CacheWriter:
             return
         block = np.concatenate(self._pending[name])
         with _writing(self.group):
-            arr[start:stop] = block[:stop - start]
+            self._write(name, start, stop, block[:stop - start])
         self._pending[name] = [block[stop - start:]] if stop < self._next[name] else []
         self._durable[name] = stop
         self._save_progress()
+
+    def _write(self, name: str, start: int, stop: int, values: np.ndarray) -> None:
+        """Rows [start, stop): whole shards (the array's tail last). Local arrays of mlfd's
+        layout: each shard encoded on all cores and written as one file
+        (``shards.ShardArray``); others through zarr-python."""
+        arr = self.handles[name]
+        if name not in self._direct:
+            self._direct[name] = for_array(arr)
+        direct, step = self._direct[name], _shard_rows(arr)
+        if direct is None or start % step:
+            arr[start:stop] = values
+            return
+        for s in range(start, stop, step):
+            direct.write_shard(s // step, values[s - start:min(s + step, stop) - start])
 
     def _save_progress(self) -> None:
         with _writing(self.group):

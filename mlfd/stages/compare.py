@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+from ..config import Experiment, check_schema
 from ..engine.distributed import barrier
 from ..engine.progress import log
 from ..errors import MlfdError
@@ -23,6 +24,67 @@ from .evaluate import evaluate
 from .plan import plan_baseline, run_distill
 
 BASELINES = ("same-arch", "all", "none")
+# experiment keys that compare sets from its own options, never from --set
+OWN_OPTIONS = {"seed": "--seeds", "levels": "--levels", "holdout": "--holdout"}
+SET_FORM = "KEY=VALUE (e.g. distill.epochs=4, datasets.NAME.teach.epochs=12, budget=fixed)"
+
+
+def _value(text: str):
+    """JSON first (YAML 1.1 reads 5e-4 as a string), else YAML (bare words, lists)."""
+    import json
+
+    import yaml
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_settings(exp: Experiment, assignments: list[str]) -> Experiment:
+    """The experiment with ``--set KEY=VALUE`` values: a dotted path into experiment.yaml
+    (``distill.epochs=4``, ``cache.views=2``), where ``datasets.NAME.`` names a dataset's
+    entry (``datasets.mnist.teach.epochs=12``, ``datasets.mnist.teach={}``). Each value
+    goes through the experiment's schema, so a wrong key or type is one line naming it."""
+    if not assignments:
+        return exp
+    data = exp.to_dict()
+    for a in assignments:
+        path, sep, text = a.partition("=")
+        keys = path.strip().split(".")
+        if not sep or "" in keys:
+            raise MlfdError(f"--set {a!r}: expected {SET_FORM}")
+        if keys[0] in OWN_OPTIONS:
+            raise MlfdError(f"--set {path}: set it with {OWN_OPTIONS[keys[0]]}")
+        node, where = data, []
+        if keys[0] == "datasets":
+            if len(keys) < 3:
+                raise MlfdError(f"--set {path}: expected datasets.NAME.KEY=VALUE")
+            try:
+                node = data["datasets"][exp.names().index(exp.entry(keys[1]).name)]
+            except MlfdError as e:
+                raise MlfdError(f"--set {path}: {e}") from None
+            where, keys = keys[:2], keys[2:]
+        for k in keys[:-1]:
+            where.append(k)
+            if not isinstance(node.get(k), dict):
+                raise MlfdError(f"--set {path}: {'.'.join(where)} is not a section")
+            node = node[k]
+        node[keys[-1]] = _value(text)
+        try:
+            check_schema(data)
+        except MlfdError as e:
+            raise MlfdError(f"--set {a}: {e}") from None
+    new = Experiment.from_dict(data)
+    try:
+        new.validate()
+    except MlfdError as e:
+        raise MlfdError(f"--set {' '.join(assignments)}: {e}") from None
+    return new
 
 
 def seed_root(ws: Workspace, seed: int):

@@ -65,6 +65,29 @@ def loss_config(ws: Workspace, levels: int, name: str | None = None) -> KDLossCo
                         label_smoothing=cfg.label_smoothing)
 
 
+def target_names(group, levels: int) -> list[str]:
+    """The target arrays a student at L1..L``levels`` reads from its dataset's group."""
+    names = ["logits", *(f"L{k + 1}" for k in range(levels))]
+    if TOPK_INDEX in group.shapes():  # top-K logits: expanded back per batch (student_loss)
+        names.append(TOPK_INDEX)
+    return names
+
+
+def on_device(group, targets: dict, device) -> dict:
+    """Targets held whole: resident (fp16) on the training device, rows gathered per batch."""
+    return {k: t.to(device) for k, t in group.tensors(targets).items() if k != "labels"}
+
+
+def student_loss(logits, embeds, t: dict, labels, kd_cfg: KDLossConfig, backend: str):
+    """The KD loss of a batch against its targets ``t`` (logits, L1..LK, maybe top-K)."""
+    t_logits = t["logits"]
+    if TOPK_INDEX in t:  # the row minimum for every class outside the top K
+        t_logits = topk_unpack(t_logits.float(), t[TOPK_INDEX], logits.shape[1])
+    t_embeds = [t[f"L{k + 1}"] for k in range(len(embeds))]
+    return kd_loss(logits.float(), t_logits.float(), labels, [e.float() for e in embeds],
+                   [x.float() for x in t_embeds], kd_cfg, backend=backend)
+
+
 WINDOW_BYTES = 1 << 30  # a streamed window's decoded size, at most
 PREFETCH = 1  # windows decoded ahead: (PREFETCH + 1) windows alive at a time
 
@@ -209,9 +232,7 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
     budget = cache_budget(opts)
     feed = target_feed(ws, name, levels, budget)
     streaming = feed is not None and feed.streaming
-    names = ["logits", *(f"L{k + 1}" for k in range(levels))]
-    if TOPK_INDEX in group.shapes():  # top-K logits: expanded back per batch, in step()
-        names.append(TOPK_INDEX)
+    names = target_names(group, levels)
     if streaming:
         zg = group.open_read()
         targets = {k: zg[k] for k in names}  # lazily read zarr arrays: shapes only here
@@ -231,8 +252,7 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
     backend = loss_backend(opts, opts.loss_backend or cfg.loss_backend)  # checked on CUDA
     kd_cfg = loss_config(ws, levels, name)
     if not streaming:
-        # Targets stay resident (fp16) on the training device; rows are gathered per batch.
-        dev_t = {k: t.to(opts.device) for k, t in group.tensors(targets).items() if k != "labels"}
+        dev_t = on_device(group, targets, opts.device)
     spec = input_spec(ws, name)
     out = ws.student_dir(name, levels)
     steps = (N + cfg.micro_batch - 1) // cfg.micro_batch
@@ -273,13 +293,7 @@ def distill(ws: Workspace, opts: RunOptions, name: str, levels: int) -> dict:
             idx, view = b.index.to(opts.device), b.view.to(opts.device)
             t = {k: gather_rows(dev_t[k], idx, view) for k in names}
         logits, embeds = student(b.images)
-        t_logits = t["logits"]
-        if TOPK_INDEX in t:  # the row minimum for every class outside the top K
-            t_logits = topk_unpack(t_logits.float(), t[TOPK_INDEX], logits.shape[1])
-        t_embeds = [t[f"L{k + 1}"] for k in range(levels)]
-        loss, terms = kd_loss(logits.float(), t_logits.float(), b.labels,
-                              [e.float() for e in embeds], [t.float() for t in t_embeds],
-                              kd_cfg, backend=backend)
+        loss, terms = student_loss(logits, embeds, t, b.labels, kd_cfg, backend)
         return loss, terms, len(b)
 
     # Exported students are plain timm models; adaptors are kept aside for inspection.

@@ -17,6 +17,7 @@ from ..engine.progress import log
 from ..errors import MlfdError
 from ..models import create_backbone
 from ..workspace import Workspace
+from .amalgamate import amalgam_rows
 from .baselines import baseline_rows
 from .cache import load_teacher_inputs, teacher_group
 from .common import (
@@ -59,7 +60,8 @@ def joint_accuracy(ws: Workspace, opts: RunOptions, levels: int) -> dict[str, di
 
 
 def evaluate(ws: Workspace, opts: RunOptions) -> list[dict]:
-    """Rows {dataset, model, arch, levels, status, top1, top5, n, ...} for every model."""
+    """Rows {dataset, model, arch, levels, status, top1, top5, n, ...} for every model
+    (an amalgamated student: one row per dataset, model "amalgamated")."""
     rows = []
     for e in ws.exp.datasets:
         spec = input_spec(ws, e.name)
@@ -94,7 +96,9 @@ def evaluate(ws: Workspace, opts: RunOptions) -> list[dict]:
             continue
         rows += [dict(row, dataset=name, **r) for name, r in accs.items()]
     rows += baseline_rows(ws, opts)
-    order = {"teacher": 0, "multi-head": 1, "joint-head": 2, "joint": 3, "student": 4}
+    rows += amalgam_rows(ws, opts)
+    order = {"teacher": 0, "multi-head": 1, "joint-head": 2, "joint": 3, "student": 4,
+             "amalgamated": 5}
     names = ws.exp.names()
     rows.sort(key=lambda r: (names.index(r["dataset"]), order[r["model"]], r["levels"] or 0,
                              r["status"] == "incomplete"))

@@ -16,6 +16,8 @@ from ..engine.budget import rule_of
 from ..engine.distributed import barrier, on_main
 from ..engine.progress import log
 from ..workspace import Workspace
+from .amalgamate import amalgam_dir, amalgam_fingerprint, check_arch, input_size
+from .amalgamate import amalgamate as amalgamate_stage
 from .baselines import baseline_dir, baseline_fingerprint
 from .cache import SPLITS, cache_teachers, check_levels, teacher_group
 from .common import RunOptions, dataset_of, model_budget, weaker_joint
@@ -146,11 +148,19 @@ def plan_cache(ws: Workspace, levels: int, force: bool = False) -> Plan:
 
 
 def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = False,
-                 restart: bool = False, budget: int | None = None) -> Plan:
+                 restart: bool = False, budget: int | None = None,
+                 amalgamate: str | None = None) -> Plan:
     """Steps in order; a redone stage makes everything downstream of it stale too.
     ``budget``: the run's target-cache memory (distill.cache_budget), which decides how a
-    student is fed its targets, hence its fingerprint."""
-    plan = Plan(scans=plan_scan(ws, ws.exp.names()), budgets=budget_lines(ws, names))
+    student is fed its targets, hence its fingerprint. ``amalgamate``: an architecture;
+    then one amalgamated student of it over all datasets is the last step, instead of the
+    students of ``names``."""
+    if amalgamate:
+        names = ws.exp.names()  # the amalgamated student learns from every dataset's targets
+        check_arch(amalgamate)
+    plan = Plan(scans=plan_scan(ws, ws.exp.names()),
+                budgets=budget_lines(ws, names, ("teach",) if amalgamate else
+                                     ("teach", "distill")))
 
     def add(verb, target, reason, redo):
         (plan.steps if redo else plan.reused).append(Step(verb, target, reason))
@@ -182,6 +192,18 @@ def plan_distill(ws: Workspace, names: list[str], levels: int, force: bool = Fal
         changed or stale)
     if not changed:  # the joint teacher that the students will learn from is known now
         plan.notes = weaker_joint(ws, levels, names)
+    if amalgamate:
+        target = f"amalgamated {amalgamate} L{levels}"
+        cfg = ws.exp.stage("distill")
+        plan.budgets.append(f"amalgamated student {amalgamate}: {cfg.epochs} epochs over the "
+                            f"union of the datasets, batch {cfg.micro_batch}, input "
+                            f"{input_size(ws)}px (the largest)")
+        if changed:
+            add("distill", target, "upstream changes", True)
+        else:
+            _trained(plan, "distill", target, Artifact(amalgam_dir(ws, amalgamate, levels)),
+                     amalgam_fingerprint(ws, amalgamate, levels), force, restart)
+        return plan
     for n in names:
         target = f"{n} L{levels}"
         if changed:
@@ -211,15 +233,17 @@ def announce(ws: Workspace, plan: Plan, write=log) -> None:
 
 
 def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int,
-                skip_bad_images: bool = False) -> list[Step]:
-    """The one-liner: scan the images, announce the plan, run each step, return what ran."""
+                skip_bad_images: bool = False, amalgamate: str | None = None) -> list[Step]:
+    """The one-liner: scan the images, announce the plan, run each step, return what ran
+    (``amalgamate``: an architecture, see plan_distill)."""
     check_levels(ws, levels)
     scan(ws, ws.exp.names(), skip_bad_images)  # before planning: skipped rows change fingerprints
     # one budget for the plan and every student: free memory is read once (by rank 0
     # under torchrun: it decides the students' fingerprints, which all ranks must share)
     opts = dataclasses.replace(opts, cache_memory=on_main(cache_budget, opts))
     # Under torchrun rank 0 plans (reading state only it may change) and tells the others.
-    plan = on_main(plan_distill, ws, names, levels, opts.force, opts.restart, opts.cache_memory)
+    plan = on_main(plan_distill, ws, names, levels, opts.force, opts.restart, opts.cache_memory,
+                   amalgamate)
     announce(ws, plan)
     warned = bool(plan.notes)
     for s in plan.steps:
@@ -234,7 +258,9 @@ def run_distill(ws: Workspace, opts: RunOptions, names: list[str], levels: int,
         elif s.verb == "fuse":
             fuse(ws, opts, levels)
         elif s.verb == "cache":
-            cache_targets(ws, opts, levels, names)
+            cache_targets(ws, opts, levels, ws.exp.names() if amalgamate else names)
+        elif amalgamate:
+            amalgamate_stage(ws, opts, amalgamate, levels)
         else:
             distill(ws, opts, s.target.split()[0], levels)
         barrier()  # what rank 0 wrote is there before any rank reads it in the next step
