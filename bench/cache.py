@@ -55,6 +55,41 @@ DISTRIBUTION = {
     "views": "independent draws per (image, view)",
     "stored": "cast to the cache dtype (--dtype) by the store",
 }
+# What cProfile showed (paper case, zstd 1, 2 cores), and what was done about it
+PROFILE = (
+    "Profile, before (zarr-python 3.1 reading and writing): a write spent most of its "
+    "store time in zarr's Array.__setitem__ (the sharding codec encodes inner chunks as "
+    "asyncio tasks and copies them through several buffers: about a third of the codec's "
+    "speed) and a quarter in numpy's float32->float16 cast; reads of array[lo:hi, view] "
+    "paid zarr's per-call overhead and an extra copy per chunk. After: mlfd.cache.shards "
+    "reads and writes whole shards of mlfd's layout itself (one pread per chunk, crc32c "
+    "checked, Blosc decompressing straight into the window; a shard's chunks compressed on "
+    "a thread per core and written as one file, the files zarr-python reads); the cast "
+    "runs in torch (4x numpy's, on the tensor's device); batches are gathered with "
+    "numpy.take (2.4x torch's index_select on fp16 rows). A write's store time is now "
+    "~75% compression; the rest is the cast, joining a shard's rows and the manifest's "
+    "checksums. The demo case's few MiB are dominated by fixed costs (array creation, "
+    "per-shard progress files, the manifest), hence its lower fractions.")
+METHOD = ("Target feeding of a distill epoch, timed outside the real distill stage: "
+          "in memory = the whole arrays as tensors (load time in read_s), rows gathered "
+          "per batch in train_order with gather_rows, as distill does; streaming = "
+          "mlfd.cache.stream.EpochStream over chunk_order (one view per chunk and "
+          "epoch, only that view read) with the window distill's feed_of picks for "
+          "budget_bytes, the epochs back to back with no evaluation between them, "
+          "each next epoch's first window read while the current one ends; "
+          "ratio_streaming_vs_in_memory = median streamed epoch after the first / "
+          "median in-memory epoch, ratio_first_epoch = the cold first streamed epoch "
+          "/ the same, ratio_whole_run = all streamed epochs / all in-memory ones. Both "
+          "convert each batch to float32 as distill's step does, then run a fixed "
+          "stand-in step: 'sleep' = an accelerator step (host idle), 'cpu' = matrix "
+          "products on the host calibrated to step_ms alone. write_GBps and read_GBps "
+          "count decoded bytes; read_GBps is CacheGroup.load (distill's whole-array "
+          "read); stream_read_GBps is the reader alone (no step, one cold epoch, "
+          "batches as stored: converting them is the step's work; bytes of the views "
+          "read). roofline: the bare codec (numcodecs Blosc, byte shuffle, on the "
+          "same inner chunks, a pool of 1 and of one thread per core, best of two) "
+          "and a plain read of the shard files (warm page cache); fraction_of_codec "
+          "= each path over the all-cores codec. " + PROFILE)
 SHAPES = {
     "demo": {"views": 4, "arrays": {"logits": (10,), "L1": (128,), "L2": (128, 2, 2)}},
     "paper": {"views": 8, "arrays": {"logits": (100,), "L1": (512,), "L2": (512, 7, 7)}},
@@ -530,21 +565,7 @@ def main(argv=None) -> int:
                      "batch": args.batch, "step_ms": args.step_ms, "steps": args.steps,
                      "epochs": args.epochs,
                      "budget_fraction": args.budget_fraction},
-        "method": "Target feeding of a distill epoch, timed outside the real distill stage: "
-                  "in memory = the whole arrays as tensors (load time in read_s), rows gathered "
-                  "per batch in train_order with gather_rows, as distill does; streaming = "
-                  "mlfd.cache.stream.EpochStream over chunk_order (one view per chunk and "
-                  "epoch, only that view read) with the window distill's feed_of picks for "
-                  "budget_bytes, the epochs back to back with no evaluation between them, "
-                  "each next epoch's first window read while the current one ends; "
-                  "ratio_streaming_vs_in_memory = median streamed epoch after the first / "
-                  "median in-memory epoch, ratio_first_epoch = the cold first streamed epoch "
-                  "/ the same, ratio_whole_run = all streamed epochs / all in-memory ones. Both "
-                  "convert each batch to float32 as distill's step does, then run a fixed "
-                  "stand-in step: 'sleep' = an accelerator step (host idle), 'cpu' = matrix "
-                  "products on the host calibrated to step_ms alone. write_GBps and read_GBps "
-                  "count decoded bytes; stream_read_GBps is the reader alone (no step, one "
-                  "cold epoch; bytes of the views read).",
+        "method": METHOD,
         "distribution": DISTRIBUTION,
         "cases": cases,
     }

@@ -161,9 +161,8 @@ def test_exported_folder_topk_and_json(trained, capsys, tmp_path):
                          *files)
     assert code == 0, err
     dest = tmp_path / "out"
-    # --force: export judges a budget-sized student before the budget rule is installed
-    # (it then reads as stale); predict above took it as complete
-    assert run(capsys, "export", "-w", w, "--dataset", "shapes", "--force", dest)[0] == 0
+    # no --force: export judges a budget-sized student as complete, as predict did
+    assert run(capsys, "export", "-w", w, "--dataset", "shapes", dest)[0] == 0
     code, exported, err = run(capsys, "predict", "--model", dest, "--device", "cpu", *files)
     assert code == 0, err
     assert exported == out

@@ -13,7 +13,7 @@ from ..engine.checkpoint import load_meta
 from ..errors import MlfdError
 from ..models.timm_config import CONFIG_FILE, WEIGHTS_FILE, num_features, timm_config
 from ..storage.diskio import write_text
-from .common import trained_levels
+from .common import install_budget, trained_levels
 from .distill import student_status
 
 
@@ -75,6 +75,7 @@ def export_student(ws, name: str, out: Path, levels: int | None = None,
                    force: bool = False) -> dict:
     """Copy the student of dataset ``name`` (default: its highest complete level) to
     ``out/model.safetensors`` with ``out/config.json``; returns what was written."""
+    install_budget(ws)  # budget-sized epochs are in the student's fingerprint: judge with them
     entry = ws.exp.entry(name)
     k, st = _student_pick(ws, entry.name, levels, force)
     src = ws.student_dir(entry.name, k)
@@ -142,6 +143,8 @@ def export_amalgamated(ws, name: str | None, out: Path, arch: str | None = None,
     every head in ``heads.safetensors``. ``config.json``'s ``amalgamated`` says which heads
     the folder holds, with each head's classes and preprocessing."""
     from safetensors.torch import load_file, save_file
+
+    install_budget(ws)
 
     from .amalgamate import heads_config
 
