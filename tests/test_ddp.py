@@ -91,7 +91,8 @@ def _workdir(root: Path, name: str) -> Path:
 SMALL_SHARDS = {"CHUNK_BYTES": 1024, "SHARD_BYTES": 2048}
 
 # Started in every rank of the two-process run: the same tiny shards, and a log of every
-# file each rank writes through zarr (which rank wrote which shard).
+# file each rank writes, through zarr or mlfd's own shard writer (which rank wrote which
+# shard).
 SITE = """
 import os
 if "RANK" in os.environ:  # a rank, not the launcher
@@ -107,6 +108,15 @@ if "RANK" in os.environ:  # a rank, not the launcher
         return await _set(self, key, value, *args, **kwargs)
 
     LocalStore._set = _logged
+    import mlfd.cache.shards as shards  # whole shards mlfd writes itself
+    _write_file = shards.write_file
+
+    def _logged_file(path, parts):
+        with open(_log, "a") as f:
+            f.write(str(path) + "\\n")
+        return _write_file(path, parts)
+
+    shards.write_file = _logged_file
 """
 
 

@@ -24,17 +24,28 @@ from pathlib import Path
 import numpy as np
 
 _EMPTY = 2**64 - 1  # an index entry of a chunk that was never written: fill value
-_POOL: dict[str, ThreadPoolExecutor] = {}
+_POOL: dict[int, ThreadPoolExecutor] = {}  # per process: a forked child gets its own
 _POOL_LOCK = threading.Lock()
 
 
 def pool() -> ThreadPoolExecutor:
-    """One pool per process, a thread per core: the unit of work is one chunk."""
+    """One pool per process (``_threads()`` threads): the unit of work is one chunk."""
+    pid = os.getpid()
     with _POOL_LOCK:
-        if "p" not in _POOL:
-            _POOL["p"] = ThreadPoolExecutor(os.cpu_count() or 1,
-                                            thread_name_prefix="mlfd-shard")
-        return _POOL["p"]
+        if pid not in _POOL:
+            _POOL.clear()  # a parent's pool has no threads in a forked child
+            _POOL[pid] = ThreadPoolExecutor(_threads(), thread_name_prefix="mlfd-shard")
+        return _POOL[pid]
+
+
+def _threads() -> int:
+    """A thread per core, or OMP_NUM_THREADS where set (`--nproc` shares the cores out
+    among the processes of a node that way)."""
+    try:
+        omp = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        omp = 0
+    return max(1, omp or os.cpu_count() or 1)
 
 
 def _crc(data) -> int:

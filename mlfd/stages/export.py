@@ -18,10 +18,11 @@ from .distill import student_status
 
 
 def _pick(levels: int | None, force: bool, status_of, found: list[int],
-          what: str, label: str, hint: str, staging):
-    """(levels, status) of the model to export (default: its highest complete level);
-    one-line errors otherwise. ``status_of(k)``: its status at L``k``; ``found``: the
-    levels present; ``staging(k)``: its artifact (for a run in progress)."""
+          what: str, label: str, hint: str, staging, verb: str = "export"):
+    """(levels, status) of the model to export (or to ``verb``: predict uses it; default:
+    its highest complete level); one-line errors otherwise. ``status_of(k)``: its status
+    at L``k``; ``found``: the levels present; ``staging(k)``: its artifact (for a run in
+    progress)."""
     exportable = ("ok", "stale", "incomplete") if force else ("ok",)
     hint = hint + (f" --levels {levels}`" if levels else "`")
     if levels is not None:
@@ -33,7 +34,7 @@ def _pick(levels: int | None, force: bool, status_of, found: list[int],
             note = (f" (only an unfinished run, epoch {partial.get('epoch')}/"
                     f"{partial.get('epochs')})" if partial else "")
             raise MlfdError(f"no {what} at L{levels}{note}: {hint}")
-        more = " or pass --force to export it anyway" if st.state in ("stale",
+        more = f" or pass --force to {verb} it anyway" if st.state in ("stale",
                                                                         "incomplete") else ""
         raise MlfdError(f"{label} L{levels} is {st.reason}: {hint}{more}")
     done = {k: status_of(k) for k in found}
@@ -42,16 +43,18 @@ def _pick(levels: int | None, force: bool, status_of, found: list[int],
         if ks:
             return max(ks), done[max(ks)]
     seen = "; ".join(f"L{k}: {st.reason}" for k, st in done.items()) or "none trained"
-    more = " (--force exports a stale one)" if any(
+    more = f" (--force {verb}s a stale one)" if any(
         st.state in ("stale", "incomplete") for st in done.values()) else ""
     raise MlfdError(f"no complete {what} ({seen}): {hint}{more}")
 
 
-def _student_pick(ws, name: str, levels: int | None, force: bool):
+def student_pick(ws, name: str, levels: int | None, force: bool, verb: str = "export"):
+    """(levels, status) of dataset ``name``'s student: the highest complete level (or
+    ``levels``); stale or incomplete ones only with ``force``."""
     return _pick(levels, force, lambda k: student_status(ws, name, k),
                  trained_levels(ws, "student", name), f"student of {name!r}", f"student {name}",
                  f"run `mlfd distill --dataset {name}",
-                 lambda k: Artifact(ws.student_dir(name, k)))
+                 lambda k: Artifact(ws.student_dir(name, k)), verb)
 
 
 def _copy_weights(src: Path, out: Path) -> Path:
@@ -77,7 +80,7 @@ def export_student(ws, name: str, out: Path, levels: int | None = None,
     ``out/model.safetensors`` with ``out/config.json``; returns what was written."""
     install_budget(ws)  # budget-sized epochs are in the student's fingerprint: judge with them
     entry = ws.exp.entry(name)
-    k, st = _student_pick(ws, entry.name, levels, force)
+    k, st = student_pick(ws, entry.name, levels, force)
     src = ws.student_dir(entry.name, k)
     meta = load_meta(src / "last")
     config = timm_config(meta, num_features(meta))

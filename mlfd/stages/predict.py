@@ -35,7 +35,6 @@ from rich.progress import Progress
 from ..data import formats
 from ..data.pipelines import InputSpec, render
 from ..data.views import ViewConfig, view_params
-from ..engine.artifact import Artifact
 from ..engine.checkpoint import load_meta
 from ..engine.loop import autocast
 from ..engine.progress import progress
@@ -43,9 +42,9 @@ from ..errors import CorruptArtifact, MlfdError
 from ..models import create_backbone
 from ..models.timm_config import CONFIG_FILE, WEIGHTS_FILE
 from ..workspace import Workspace
-from .common import input_spec, install_budget, trained_levels
-from .distill import student_status
+from .common import input_spec, install_budget
 from .evaluate import load_student
+from .export import student_pick
 
 
 @dataclass
@@ -271,31 +270,8 @@ def export_spec(pre: dict, where: Path) -> InputSpec:
 
 
 def pick_student(ws: Workspace, name: str, levels: int | None, force: bool):
-    """(levels, status) of the student to load, by export's rule: the highest complete
-    level (or ``levels``); stale or incomplete ones only with ``force``."""
-    usable = ("ok", "stale", "incomplete") if force else ("ok",)
-    hint = f"run `mlfd distill --dataset {name}" + (f" --levels {levels}`" if levels else "`")
-    if levels is not None:
-        st = student_status(ws, name, levels)
-        if st.state in usable:
-            return levels, st
-        if st.state == "missing":
-            partial = Artifact(ws.student_dir(name, levels)).partial()
-            note = (f" (only an unfinished run, epoch {partial.get('epoch')}/"
-                    f"{partial.get('epochs')})" if partial else "")
-            raise MlfdError(f"no student of {name!r} at L{levels}{note}: {hint}")
-        more = " or pass --force to use it anyway" if st.state in ("stale",
-                                                                   "incomplete") else ""
-        raise MlfdError(f"student {name} L{levels} is {st.reason}: {hint}{more}")
-    found = {k: student_status(ws, name, k) for k in trained_levels(ws, "student", name)}
-    for states in (("ok",), usable):
-        ks = [k for k, st in found.items() if st.state in states]
-        if ks:
-            return max(ks), found[max(ks)]
-    seen = "; ".join(f"L{k}: {st.reason}" for k, st in found.items()) or "none trained"
-    more = " (--force uses a stale one)" if any(
-        st.state in ("stale", "incomplete") for st in found.values()) else ""
-    raise MlfdError(f"no complete student of {name!r} ({seen}): {hint}{more}")
+    """(levels, status) of the student to load, by export's rule."""
+    return student_pick(ws, name, levels, force, verb="use")
 
 
 def tsv_line(r: Result, decimals: int = 4) -> str:
