@@ -155,16 +155,7 @@ class Predictor:
 
     def load(self, path: str) -> torch.Tensor:
         """One file as eval feeds it: (C, H, W) float32, normalised; MlfdError if unusable."""
-        if os.path.isdir(path):
-            raise formats.BadImage(path, "is a directory")
-        try:
-            with open(path, "rb"):
-                pass
-        except FileNotFoundError:
-            raise formats.BadImage(path, "file not found") from None  # as the reader says
-        except OSError as e:
-            raise formats.BadImage(path, (e.strerror or e.__class__.__name__).lower()) from None
-        img = formats.read_image(path)
+        img = formats.read_image(path)  # unreadable files: one BadImage naming them
         # view 0 of any sample is the whole image, unflipped: eval's clean view
         p = view_params(0, np.zeros(1, np.int64), np.zeros(1, np.int64), img.shape[0],
                         img.shape[1], ViewConfig())

@@ -117,6 +117,8 @@ class open_image:  # noqa: N801 - used as a context manager, like open()
         except FileNotFoundError:
             raise BadImage(path, "file not found") from None
         except OSError as exc:
+            if exc.errno is not None and exc.strerror:  # the file system's: "is a directory"
+                raise BadImage(path, exc.strerror.lower()) from None
             raise _decode_failure(path, exc) from None
         except Exception as exc:  # a malformed header can fail in many ways
             raise _decode_failure(path, exc) from None
