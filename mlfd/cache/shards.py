@@ -77,6 +77,12 @@ class ShardArray:
         coords = (shard, *([0] * (len(self.shape) - 1)))
         return self.root / self.key(coords)
 
+    def _cell(self, i: int, v: int | None) -> tuple[int, ...]:
+        """Where chunk ``i`` of a shard (in view ``v``) sits in the shard's index."""
+        if len(self.grid) == 1:
+            return (i,)
+        return (i, v or 0, *([0] * (len(self.grid) - 2)))
+
     def index(self, shard: int) -> np.ndarray | None:
         """(offset, nbytes) per inner chunk of a shard, checked; None: no file (all fill).
         Cached: the reader is for a complete group, whose files no longer change."""
@@ -145,12 +151,7 @@ class ShardArray:
             r0, r1 = c * self.rows, min((c + 1) * self.rows, self.shape[0])
             a, b = max(lo, r0), min(hi, r1)
             for v in views:
-                if idx is None:
-                    entry = (_EMPTY, 0)
-                else:
-                    entry = idx[(local // self.rows, 0 if v is None else v)
-                                + (0,) * (len(self.grid) - 2)] if len(self.grid) > 1 \
-                        else idx[local // self.rows]
+                entry = (_EMPTY, 0) if idx is None else idx[self._cell(local // self.rows, v)]
                 jobs.append((shard, entry, r0, a, b, v))
         fds: dict[int, int] = {}
         try:
@@ -168,7 +169,7 @@ class ShardArray:
         return out
 
     def _job(self, fd, out, lo, view, shard, entry, r0, a, b, v) -> None:
-        where = f"{self.path(shard)}"
+        where = str(self.path(shard))
         whole = (a, b) == (r0, r0 + self.rows)
         if view is not None:  # one view: rows of ``out`` are rows of the chunk
             target = out[a - lo:b - lo]
@@ -196,19 +197,18 @@ class ShardArray:
         if values.shape != (n, *self.shape[1:]) or values.dtype != self.dtype:
             raise ValueError(f"shard {shard}: expected {(n, *self.shape[1:])} "
                              f"{self.dtype}, got {values.shape} {values.dtype}")
-        cells = []  # (index position, rows) of every chunk that holds rows
-        per_shard = self.grid[0]
-        for i in range(per_shard):
+        cells = []  # (index position, rows, view) of every chunk that holds rows
+        for i in range(self.grid[0]):
             r0, r1 = i * self.rows, min((i + 1) * self.rows, n)
             if r0 >= n:
                 break
             for v in (range(self.grid[1]) if self.per_view else [0]):
-                cells.append(((i, v) if len(self.grid) > 1 else (i,), r0, r1, v))
+                cells.append((self._cell(i, v), r0, r1, v))
         blobs = list(pool().map(lambda c: self._encode(values, *c[1:]), cells))
         index = np.full((*self.grid, 2), _EMPTY, dtype="<u8")
         offset = 0
         for (pos, *_), blob in zip(cells, blobs):
-            index[pos + (0,) * (len(self.grid) - len(pos))] = (offset, len(blob))
+            index[pos] = (offset, len(blob))
             offset += len(blob)
         raw = index.tobytes()
         write_file(self.path(shard), [*blobs, raw, _crc(raw).to_bytes(4, "little")])
